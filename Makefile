@@ -1,0 +1,15 @@
+# Two commands on a fresh machine:
+#   make demo   sets everything up and runs the main job on the embedded model and data
+#   make test   sets everything up and runs the tests
+.PHONY: setup demo test test-slow bench
+setup:
+	bash scripts/setup_env.sh
+
+demo: setup
+	.venv/bin/python scripts/demo.py
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+test-slow: setup
+	.venv/bin/python -m pytest -q -m slow
