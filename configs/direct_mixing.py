@@ -1,0 +1,10 @@
+"""Baseline `direct_mixing` alone on the `safety_matched` pool (see bilevel_jax/loops.py for its definition)."""
+
+from bilevel_jax.config import smollm2_base
+
+
+def get_config():
+  c = smollm2_base("safety_matched")
+  c.name = "direct_mixing"
+  c.run.methods = ("direct_mixing",)
+  return c

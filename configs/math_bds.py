@@ -1,0 +1,13 @@
+"""Offline bilevel data selection on the `math` pool, against direct mixing and random selection."""
+
+from bilevel_jax.config import smollm2_base
+
+
+def get_config():
+  c = smollm2_base("math")
+  c.name = "math_bds"
+  c.run.methods = ("bds", "full_sft", "direct_mixing", "random_selection", "loss_filter")
+  c.run.selection_scores = ("length", "base_loss", "loss_change", "one_step", "random")
+  c.run.selection_seeds = 3
+  c.evaluate.n_gsm8k = 64
+  return c

@@ -1,0 +1,12 @@
+"""Offline bilevel data selection on the `safety` pool, against direct mixing and random selection."""
+
+from bilevel_jax.config import smollm2_base
+
+
+def get_config():
+  c = smollm2_base("safety")
+  c.name = "safety_bds"
+  c.run.methods = ("bds", "full_sft", "direct_mixing", "random_selection", "loss_filter")
+  c.run.selection_scores = ("length", "base_loss", "loss_change", "one_step", "random")
+  c.run.selection_seeds = 3
+  return c
