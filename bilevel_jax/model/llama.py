@@ -51,6 +51,7 @@ class LlamaConfig:
   qkv_bias: bool = False
   max_seq_len: int = 2048
   # Compute dtype ("float32" or "bfloat16"); params are cast to it inside apply, logits are f32.
+  # "float64" (under jax.enable_x64) keeps every op in f64, for finite-difference checks.
   dtype: str = "float32"
   # Per-layer rematerialization: recompute each layer's activations in the backward pass.
   remat: bool = False
@@ -142,11 +143,16 @@ def init_params(cfg: LlamaConfig, key: Array, dtype=jnp.float32) -> Params:
 # ----------------------------------------------------------------------------- building blocks
 
 
+def _wide(dtype):
+  """f32, or the dtype itself when it is wider (f64 models, used to check gradients, stay f64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x: Float[Array, "... d"], w: Float[Array, "d"], eps: float) -> Float[Array, "... d"]:
   """RMSNorm computed in f32 whatever the compute dtype, as the reference implementations do."""
-  x32 = x.astype(jnp.float32)
+  x32 = x.astype(_wide(x.dtype))
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * w.astype(jnp.float32)).astype(x.dtype)
+  return (y * w.astype(x32.dtype)).astype(x.dtype)
 
 
 def rope(x: Float[Array, "b t h hd"], positions: Int[Array, "b t"], theta: float):
@@ -156,7 +162,7 @@ def rope(x: Float[Array, "b t h hd"], positions: Int[Array, "b t"], theta: float
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, hd/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [b, t, 1, hd]
   cos, sin = jnp.cos(emb), jnp.sin(emb)
-  x32 = x.astype(jnp.float32)
+  x32 = x.astype(_wide(x.dtype))
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x32 * cos + rotated * sin).astype(x.dtype)
@@ -183,7 +189,8 @@ def _attend(q, k, v, mask, cfg: LlamaConfig):
   b, tq, h, hd = q.shape
   g = h // cfg.n_kv_heads
   q = q.reshape(b, tq, cfg.n_kv_heads, g, hd)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k)
+  scores = scores.astype(_wide(scores.dtype)) / jnp.sqrt(hd).astype(jnp.float32)
   scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
@@ -279,7 +286,7 @@ def unembed(params: Params, cfg: LlamaConfig, h: Float[Array, "b t d"]) -> Float
   """Final norm and output projection; logits in f32."""
   x = rms_norm(h, params["final_norm"], cfg.rms_eps)
   w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  return (x @ w.astype(x.dtype)).astype(jnp.float32)
+  return (x @ w.astype(x.dtype)).astype(_wide(x.dtype))
 
 
 def apply(params: Params, cfg: LlamaConfig, tokens: Int[Array, "b t"],
