@@ -29,8 +29,8 @@ LossFn = Callable[[Params, Params, dict], Float[Array, "b"]]
 
 
 def token_log_probs(logits: Float[Array, "b t v"], targets: Int[Array, "b t"]) -> Float[Array, "b t"]:
-  """log pi(targets) under ``logits``, in f32."""
-  logits = logits.astype(jnp.float32)
+  """log pi(targets) under ``logits``, in at least f32."""
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return picked - lse
@@ -38,7 +38,7 @@ def token_log_probs(logits: Float[Array, "b t v"], targets: Int[Array, "b t"]) -
 
 def masked_token_mean(values: Float[Array, "b t"], mask: Float[Array, "b t"]) -> Float[Array, "b"]:
   """Per-row mean of ``values`` over ``mask`` (0 for a row with an empty mask)."""
-  mask = mask.astype(jnp.float32)
+  mask = mask.astype(values.dtype)
   return jnp.sum(values * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
 
@@ -103,7 +103,7 @@ def inner_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, trainab
   trainable = optax.apply_updates(trainable, updates)
   valid = valid_rows(batch)
   metrics = {"loss": loss, "nll": jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1.0),
-             "grad_norm": optax.global_norm(grads)}
+             "grad_norm": optax.tree.norm(grads)}
   return trainable, opt_state, metrics
 
 
