@@ -8,8 +8,8 @@ setup:
 demo: setup
 	.venv/bin/python scripts/demo.py
 
-test: setup
-	.venv/bin/python -m pytest -q
+test:
+	bash scripts/test.sh
 
-test-slow: setup
-	.venv/bin/python -m pytest -q -m slow
+test-slow:
+	bash scripts/test.sh -m slow
