@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.bilevel_jax_setup
-want=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup_env.sh scripts/data_packages.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
