@@ -271,6 +271,10 @@ def test_gguf_load_and_cache(tmp_path):
   text = "Cached 2024: naïve ✓"
   assert tok2.encode(text) == tok1.encode(text) and tok2.encode_chat("a", "b") == tok1.encode_chat("a", "b")
   assert tok2.default_system == tok1.default_system
+  tok3 = load.load_gguf_tokenizer(tmp_path / "tiny.gguf", cache_dir=cache)  # cached tokenizer only
+  uncached = load.load_gguf_tokenizer(tmp_path / "tiny.gguf", cache_dir=tmp_path / "empty")
+  for t in (tok3, uncached):
+    assert t.encode(text) == tok1.encode(text) and t.encode_chat("a", "b") == tok1.encode_chat("a", "b")
 
   cfg3, params3, _ = load.load_gguf(tmp_path / "tiny.gguf", dtype=jnp.bfloat16, use_cache=False)
   assert cfg3.dtype == "bfloat16" and params3["embed"].dtype == jnp.bfloat16
