@@ -6,7 +6,7 @@ setup:
 	bash scripts/setup_env.sh
 
 demo: setup
-	.venv/bin/python scripts/demo.py
+	.venv/bin/bilevel-jax run --config configs/demo.py
 
 test:
 	bash scripts/test.sh
