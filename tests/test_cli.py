@@ -1,0 +1,126 @@
+"""The command line end to end on a tiny random model and the synthetic toy pool."""
+
+import csv
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from bilevel_jax import cli
+from bilevel_jax import metrics as M
+
+CONFIG = '''
+from bilevel_jax.config import base_config
+def get_config():
+  c = base_config()
+  c.name = "cli"
+  c.data.pool = "toy"
+  c.data.pool_size = 16
+  c.data.max_len = 48
+  c.data.batch_size = 4
+  c.data.val_batch_size = 4
+  c.model.tiny_d_model = 16
+  c.select.estimator = "penalty"
+  c.select.steps = 6
+  c.select.keep_fraction = 0.5
+  c.finetune.steps = 4
+  c.finetune.batch_size = 4
+  c.finetune.lr = 1e-2
+  c.evaluate.max_new_tokens = 3
+  c.evaluate.n_gsm8k = 4
+  c.checkpoint.every = 2
+  c.run.methods = ("bds", "direct_mixing", "random_selection")
+  c.run.selection_scores = ("length", "base_loss", "random")
+  return c
+'''
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update(keys[0], str(tmp_path / "jit_cache"))
+  jax.config.update(keys[1], 0.0)
+  f = tmp_path / "cli_cfg.py"
+  f.write_text(CONFIG)
+  yield f
+  for k, v in old.items():
+    jax.config.update(k, v)
+
+
+def test_run_writes_everything_and_report_alone_trains_nothing(cfg_file, tmp_path, capsys,
+                                                                monkeypatch):
+  monkeypatch.setenv("BILEVEL_JAX_COMPILE_CACHE", "")  # The fixture's cache, not the user's.
+  wd = tmp_path / "run"
+  assert cli.main(["run", "--config", str(cfg_file), f"--config.workdir={wd}"]) == 0
+  assert "report/index.html" in capsys.readouterr().out
+  saved = json.loads((wd / "config.json").read_text())
+  assert saved["workdir"] == str(wd) and saved["select"]["steps"] == 6
+  for phase in ("select_bds", "finetune_bds", "finetune_direct_mixing",
+                "finetune_random_selection"):
+    recs = M.read_jsonl(wd / phase / "metrics.jsonl")
+    assert [r["step"] for r in recs] == list(range(1, len(recs) + 1)) and recs
+    assert list((wd / phase / "tb").glob("events.out.tfevents.*"))
+  summary = json.loads((wd / "report" / "summary.json").read_text())
+  ev = summary["eval_metrics"]
+  assert set(ev) == {"bds", "direct_mixing", "random_selection"}
+  assert ev["bds"]["n_train"] == 8 and ev["random_selection"]["n_train"] == 8
+  assert ev["direct_mixing"]["n_train"] == 16 + 4  # pool plus validation
+  for m in ev.values():
+    assert np.isfinite(m["val_loss"]) and 0.0 <= m["gsm8k_exact_match"] <= 1.0
+  assert {"bds", "length", "base_loss", "random"} <= set(summary["selection_quality"])
+  rows = list(csv.DictReader(open(wd / "report" / "scores.csv")))
+  assert len(rows) == 16 and sum(int(r["selected"]) for r in rows) == 8
+  keep = np.load(wd / "select_bds" / "keep.npy")
+  assert [int(r["selected"]) for r in rows] == keep.astype(int).tolist()
+
+  # `report` alone: reads the finished phases, trains nothing, rewrites the report.
+  mtimes = {p: p.stat().st_mtime_ns for p in wd.glob("*/result.json")}
+  (wd / "report" / "index.html").unlink()
+  assert cli.main(["report", "--config", str(cfg_file), f"--config.workdir={wd}"]) == 0
+  assert (wd / "report" / "index.html").exists()
+  assert mtimes == {p: p.stat().st_mtime_ns for p in wd.glob("*/result.json")}
+  assert json.loads((wd / "report" / "summary.json").read_text())["eval_metrics"] == ev
+
+  # Other data in the same workdir is refused with a clear message.
+  assert cli.main(["select", "--config", str(cfg_file), f"--config.workdir={wd}",
+                   "--config.data.shuffle_seed=3"]) == 1
+  assert "fingerprint" in capsys.readouterr().err
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(cfg_file, tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("BILEVEL_JAX_COMPILE_CACHE", "")
+  wd = tmp_path / "nan"
+  code = cli.main(["finetune", "--config", str(cfg_file), f"--config.workdir={wd}",
+                   "--config.run.methods=full_sft", "--config.finetune.lr=1e30",
+                   "--config.finetune.optimizer=sgd", "--config.metrics.max_nonfinite=2"])
+  err = capsys.readouterr().err
+  assert code == 1 and "max_nonfinite=2" in err and "skipped" in err
+  recs = M.read_jsonl(wd / "finetune_full_sft" / "metrics.jsonl")
+  assert any(r["loss"] is None or r["grad_norm"] is None for r in recs)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.select.stepz=1"], "unknown key 'select.stepz'"),
+    (["--config.finetune.steps=ten"], "'finetune.steps' must be of type int"),
+])
+def test_config_errors_exit_2_with_the_key(cfg_file, capsys, args, message):
+  assert cli.main(["select", "--config", str(cfg_file), *args]) == 2
+  assert message in capsys.readouterr().err
+
+
+def test_unknown_argument_and_command(cfg_file):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["run", "--config", str(cfg_file), "--seed=3"])
+  assert e.value.code == 2
+  with pytest.raises(SystemExit):
+    cli.main(["train", "--config", str(cfg_file)])
+
+
+def test_every_shipped_config_parses_through_the_cli_parser():
+  root = Path(__file__).resolve().parents[1]
+  for f in sorted((root / "configs").glob("*.py")):
+    command, spec, overrides = cli._parse(["run", "--config", str(f), "--config.seed=2"])
+    assert command == "run" and spec == str(f) and overrides == ["seed=2"]
