@@ -1,0 +1,447 @@
+"""Selection study: does each hypergradient estimator find the bad pairs of a real pool?
+
+For one pool, a seed and a set of settings, it learns weights with every estimator of
+``bilevel_jax/core/hypergrad.py`` and computes the cheap signals (response length, base-model loss,
+loss change over a plain SFT run on pool plus validation, one-step gradient alignment, random), and
+writes one JSON row per (pool, method, seed, settings) with the weight AUROC against the pool's
+labels, precision at the true bad fraction, wall time and, for estimators, the AUROC curve over
+outer steps with elapsed time (so "time until AUROC first reaches 0.90" can be read off).
+
+Reproducible and resumable: rows already in ``--out`` (same key) are skipped, so a killed study
+restarts where it stopped. The seed sets the pool's own construction (``PoolParams(seed=...)``, so
+a seed is a different draw of pool, validation and test) and the training order.
+
+    .venv/bin/python scripts/selection_study.py --pools safety_matched --seeds 0 \
+        --methods baselines,likelihood_ratio,penalty --out docs/study/rows.jsonl --tag default
+
+Settings (``--set key=value``, repeatable; see :data:`DEFAULTS`) apply to every method;
+``--kw key=value`` sets an estimator field on every estimator that has it (e.g. ``fit_lr``, ``k``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from bilevel_jax.core import hypergrad, select as select_lib, sft  # noqa: E402
+from bilevel_jax.data import stats  # noqa: E402
+from bilevel_jax.model import lora as lora_lib  # noqa: E402
+
+ESTIMATORS = ("likelihood_ratio", "penalty", "penalty_vf", "unroll", "implicit", "one_step")
+BASELINES = ("length", "base_loss", "loss_change", "alignment", "random")
+MAX_LEN = {"safety_matched": 96, "safety_matched_easy": 96, "safety": 128, "quality": 128,
+           "quality_easy": 128, "math": 192}
+
+DEFAULTS: dict[str, Any] = {
+    "trainable": "last_n_layers",  # or "lora" (all layers)
+    "n_layers": 4,
+    "lora_rank": 8,
+    "max_len": 0,  # 0: MAX_LEN[pool]
+    "pool_size": 160,  # stratified subsample when the pool is larger (0: all)
+    "fit_only": True,  # keep only pairs whose conversation fits max_len (corruption stays visible)
+    "val_size": 0,  # 0: whole validation split
+    "batch_size": 8,
+    "val_batch_size": 8,
+    "steps": 40,  # outer steps (likelihood_ratio: fit steps + one pass over the pool)
+    "inner_opt": "sgd",
+    "inner_lr": 1e-2,
+    "logit_opt": "adam",
+    "logit_lr": 0.1,
+    "parametrization": "softmax_n",
+    "sft_steps": 40,  # loss_change baseline: plain SFT steps on pool + validation
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class StudyData:
+  """One pool draw: records and their per-example arrays (batch format of ``core/sft.py``)."""
+
+  pool: list
+  val: list
+  pool_arrays: dict
+  val_arrays: dict
+  is_bad: np.ndarray
+  notes: dict
+
+
+def encode(records, tokenizer, max_len: int) -> dict[str, np.ndarray]:
+  """Right-padded per-example arrays; the response is cut when the pair is longer than the row."""
+  n = len(records)
+  out = {k: np.zeros((n, max_len), np.int32) for k in ("tokens", "targets", "positions",
+                                                       "segment_ids")}
+  out["loss_mask"] = np.zeros((n, max_len), np.float32)
+  for i, r in enumerate(records):
+    prompt, resp = tokenizer.encode_chat(r.question, r.response)
+    ids = (prompt + resp)[:max_len + 1]
+    m = len(ids) - 1
+    if len(prompt) >= len(ids):
+      raise ValueError(f"record {r.example_id}: prompt of {len(prompt)} tokens leaves no response "
+                       f"token within max_len={max_len}")
+    out["tokens"][i, :m], out["targets"][i, :m] = ids[:-1], ids[1:]
+    out["positions"][i, :m] = np.arange(m)
+    out["segment_ids"][i, :m] = 1
+    out["loss_mask"][i, len(prompt) - 1:m] = 1.0
+  out["index"] = np.arange(n, dtype=np.int32)
+  return out
+
+
+def conv_len(r, tokenizer) -> int:
+  p, s = tokenizer.encode_chat(r.question, r.response)
+  return len(p) + len(s)
+
+
+def subsample(pool, is_bad, size: int, seed: int) -> list[int]:
+  """Rows of a stratified random subsample of ``size`` (keeps the bad fraction)."""
+  rng = np.random.default_rng(seed + 7919)
+  bad, good = np.flatnonzero(is_bad), np.flatnonzero(~is_bad)
+  n_bad = int(round(size * len(bad) / len(pool)))
+  rows = np.concatenate([rng.choice(bad, n_bad, replace=False),
+                         rng.choice(good, size - n_bad, replace=False)])
+  return sorted(rows.tolist())
+
+
+def pool_data(name: str, seed: int, s: dict, tokenizer) -> StudyData:
+  """Builds pool ``name`` with ``PoolParams(seed=seed)`` and applies the size/fit settings."""
+  from bilevel_jax.data import sources
+  p = sources.build_pool(name, sources.PoolParams(seed=seed))
+  pool = sorted(p.splits["pool"], key=lambda r: r.example_id)
+  val = [r for r in p.splits["validation"] if r.response]
+  return make_data(pool, val, s, tokenizer, seed, max_len=s["max_len"] or MAX_LEN.get(name, 128))
+
+
+def make_data(pool, val, s: dict, tokenizer, seed: int, max_len: int) -> StudyData:
+  notes = {"n_built": len(pool), "max_len": max_len}
+  if s["fit_only"]:
+    fits = [r for r in pool if conv_len(r, tokenizer) <= max_len + 1]
+    notes["n_fit"] = len(fits)
+    if not fits:
+      raise ValueError(f"no pool pair fits max_len={max_len} tokens; raise max_len or set fit_only=0")
+    pool = fits
+  is_bad = np.asarray([r.is_bad for r in pool])
+  if s["pool_size"] and len(pool) > s["pool_size"]:
+    rows = subsample(pool, is_bad, s["pool_size"], seed)
+    pool, is_bad = [pool[i] for i in rows], is_bad[rows]
+  # Validation pairs need at least a few response tokens inside the row to say anything.
+  val_fit = [r for r in val if len(tokenizer.encode_chat(r.question, r.response)[0]) + 8 <= max_len + 1]
+  notes["n_val_prompt_too_long"] = len(val) - len(val_fit)
+  val = val_fit
+  if s["val_size"] and len(val) > s["val_size"]:
+    rng = np.random.default_rng(seed + 31)
+    val = [val[i] for i in sorted(rng.choice(len(val), s["val_size"], replace=False))]
+  notes.update(n=len(pool), n_bad=int(is_bad.sum()), n_val=len(val))
+  return StudyData(pool, val, encode(pool, tokenizer, max_len), encode(val, tokenizer, max_len),
+                   is_bad, notes)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass
+class StudyModel:
+  """The split model and its per-example loss for one trainable set."""
+
+  cfg: Any
+  spec: lora_lib.TrainableSpec
+  trainable: Any
+  frozen: Any
+  loss_fn: Callable
+
+  def __post_init__(self):
+    self.loss_jit = jax.jit(self.loss_fn)  # compiled once per model, reused for every loss pass
+
+
+def make_model(cfg, params, s: dict, seed: int) -> StudyModel:
+  spec = lora_lib.TrainableSpec(kind=s["trainable"], n_layers=s["n_layers"],
+                                lora_rank=s["lora_rank"], lora_alpha=2.0 * s["lora_rank"])
+  lora = (lora_lib.init_lora(cfg, spec, jax.random.fold_in(jax.random.key(seed), 11))
+          if spec.kind == "lora" else None)
+  trainable, frozen = lora_lib.split(spec, cfg, params, lora)
+  loss_fn = sft.make_loss_fn(lora_lib.make_logits_fn(spec, cfg))
+  return StudyModel(cfg, spec, trainable, frozen, loss_fn)
+
+
+def add_prefix(m: StudyModel, arrays: dict, chunk: int = 8) -> dict:
+  """Runs the frozen prefix once per example (``last_n_layers``): every later step reuses it."""
+  if m.spec.kind != "last_n_layers":
+    return arrays
+  fn = jax.jit(lambda fz, b: lora_lib.precompute_prefix(m.spec, m.cfg, fz, b)["prefix_hidden"])
+  n, outs = len(arrays["index"]), []
+  for start in range(0, n, chunk):
+    rows = np.arange(start, min(start + chunk, n))
+    rows_p = np.concatenate([rows, np.full(chunk - len(rows), rows[0])])
+    b = {k: jnp.asarray(arrays[k][rows_p]) for k in ("tokens", "positions", "segment_ids")}
+    outs.append(np.asarray(fn(m.frozen, b))[:len(rows)])
+  return {**arrays, "prefix_hidden": np.concatenate(outs)}
+
+
+def batches_of(arrays: dict, batch_size: int) -> list[dict]:
+  """Every example once, in order, in same-shaped batches (the last padded with index -1)."""
+  n, out = len(arrays["index"]), []
+  for start in range(0, n, batch_size):
+    rows = np.arange(start, min(start + batch_size, n))
+    take = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+    b = {k: v[take] for k, v in arrays.items()}
+    b["index"] = np.where(np.arange(batch_size) < len(rows), b["index"], -1).astype(np.int32)
+    out.append(b)
+  return out
+
+
+def per_example_losses(m: StudyModel, params, arrays: dict, batch_size: int) -> np.ndarray:
+  out = [np.asarray(m.loss_jit(params, m.frozen, b))[b["index"] >= 0]
+         for b in batches_of(arrays, batch_size)]
+  return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def quality(scores: np.ndarray, is_bad: np.ndarray) -> dict:
+  """AUROC (higher score = kept; good pairs positive) and precision at the true bad fraction."""
+  scores = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0)
+  k = int(is_bad.sum())
+  lowest = np.argsort(scores, kind="stable")[:k]
+  return {"auroc": stats.auroc(scores, (~is_bad).astype(int)),
+          "precision": float(np.mean(is_bad[lowest]))}
+
+
+def inner_optimizer(s: dict):
+  return sft.sgd_or_adam(s["inner_opt"], s["inner_lr"])
+
+
+def baseline_score(name: str, data: StudyData, m: StudyModel, s: dict, seed: int,
+                   cache: dict) -> tuple[np.ndarray, float]:
+  """``(scores, seconds)`` of one cheap signal (higher score = kept); ``cache`` keeps base losses."""
+  pa, va, bs = data.pool_arrays, data.val_arrays, s["batch_size"]
+  t = time.time()
+  if name == "length":
+    return pa["loss_mask"].sum(1), time.time() - t
+  if name == "random":
+    return np.random.default_rng(seed).random(len(data.pool)), 0.0
+  if name == "alignment":
+    return alignment(m, pa, va, bs, s["val_batch_size"]), time.time() - t
+  if "base" not in cache:
+    cache["base"] = (per_example_losses(m, m.trainable, pa, bs), time.time() - t)
+  base, base_s = cache["base"]
+  if name == "base_loss":
+    return -base, base_s
+  # loss_change: plain SFT on pool + validation (direct mixing), then each pair's loss decrease.
+  both = {k: np.concatenate([pa[k], va[k]]) for k in pa if k in va}
+  both["index"] = np.arange(len(both["index"]), dtype=np.int32)
+  step = sft.make_inner_step(m.loss_fn, inner_optimizer(s))
+  params = jax.tree.map(jnp.copy, m.trainable)
+  opt_state = inner_optimizer(s).init(params)
+  it = select_lib.epoch_batches(both, bs, seed=seed)
+  for _ in range(s["sft_steps"]):
+    b = next(it)
+    params, opt_state, _ = step(params, m.frozen, opt_state, b, (b["index"] >= 0).astype(np.float32))
+  return base - per_example_losses(m, params, pa, bs), time.time() - t + base_s
+
+
+def alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int) -> np.ndarray:
+  """``grad l_i . grad f`` at the start (the ``one_step`` score) with ``f`` on all validation."""
+  vb = batches_of(va, vbs)
+  # frozen is an argument, never closed over: a closure would bake the embedding into the program.
+  grad_sum = jax.jit(lambda p, fz, b: jax.grad(
+      lambda q: jnp.sum(m.loss_fn(q, fz, b) * (b["index"] >= 0)))(p))
+  g = None
+  for b in vb:
+    gb = grad_sum(m.trainable, m.frozen, b)
+    g = gb if g is None else jax.tree.map(jnp.add, g, gb)
+  g = jax.tree.map(lambda x: x / len(va["index"]), g)
+  dots = jax.jit(lambda p, fz, b, d: hypergrad.directional_losses(m.loss_fn, p, fz, b, d))
+  return np.concatenate([np.asarray(dots(m.trainable, m.frozen, b, g))[b["index"] >= 0]
+                         for b in batches_of(pa, bs)])
+
+
+def make_estimator(name: str, s: dict, kw: dict, n: int):
+  fields = {f.name for f in dataclasses.fields(hypergrad.ESTIMATORS[name])}
+  kwargs = {k: v for k, v in kw.items() if k in fields}
+  steps_per_epoch = -(-n // s["batch_size"])
+  if name == "penalty":
+    kwargs.setdefault("decay_every", steps_per_epoch)
+  if name == "penalty_vf":
+    kwargs.setdefault("gamma_ramp_steps", s["steps"])
+  if name == "one_step":
+    kwargs.setdefault("lr", s["inner_lr"])
+  return hypergrad.make_estimator(name, **kwargs), kwargs
+
+
+def run_estimator(name: str, data: StudyData, m: StudyModel, s: dict, kw: dict, seed: int) -> dict:
+  """Learns the logits with estimator ``name``; the AUROC after every outer step, with time."""
+  n = len(data.pool)
+  est, kwargs = make_estimator(name, s, kw, n)
+  problem = hypergrad.Problem(m.loss_fn, inner_optimizer(s), s["parametrization"])
+  logit_opt = (optax.sgd(1.0) if est.closed_form else
+               optax.adam(s["logit_lr"]) if s["logit_opt"] == "adam" else optax.sgd(s["logit_lr"]))
+  steps = s["steps"]
+  if est.closed_form:  # fitting, then one scoring pass over the whole pool
+    steps = est.warmup_steps + -(-n // s["batch_size"])
+  train = select_lib.epoch_batches(data.pool_arrays, s["batch_size"], seed=seed)
+  if est.warmup_steps:  # fitting steps read no train batch: start the scoring pass at an epoch start
+    train = itertools.chain(itertools.repeat(batches_of(data.pool_arrays, s["batch_size"])[0],
+                                             est.warmup_steps), train)
+  val = select_lib.cycle(batches_of(data.val_arrays, s["val_batch_size"]))
+  t0 = time.time()
+  curve, times = [], []
+  result = select_lib.select(problem, est, m.trainable, m.frozen, n, train, val, steps,
+                             logit_optimizer=logit_opt, seed=seed, history_every=1,
+                             callback=lambda step, row: times.append(time.time() - t0))
+  wall = time.time() - t0
+  for step, logits, el in zip(result.history_steps[1:], result.history[1:], times):
+    curve.append([int(step), round(float(el), 2), round(quality(logits, data.is_bad)["auroc"], 4)])
+  q = quality(result.logits, data.is_bad)
+  reach = next((c for c in curve if c[2] >= 0.9), None)
+  step_times = np.diff([0.0] + times)
+  last = result.metrics[-1] if result.metrics else {}
+  return {**q, "wall_s": round(wall, 2), "steps": steps, "kwargs": kwargs,
+          "first_step_s": round(float(step_times[0]), 2),
+          "median_step_s": round(float(np.median(step_times[1:])), 3) if steps > 1 else None,
+          "best_auroc": max(c[2] for c in curve), "time_to_090_s": reach[1] if reach else None,
+          "steps_to_090": reach[0] if reach else None, "curve": curve,
+          "final_metrics": {k: round(v, 5) for k, v in last.items()}}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def row_key(pool: str, method: str, seed: int, s: dict, kw: dict) -> str:
+  return json.dumps([pool, method, seed, s, kw], sort_keys=True)
+
+
+def read_done(path: pathlib.Path) -> set[str]:
+  if not path.exists():
+    return set()
+  return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def study(pool_name: str, seeds, methods, s: dict, kw: dict, out: pathlib.Path, tag: str,
+          model_loader: Callable, data_loader: Callable, device: str = "cpu") -> list[dict]:
+  """Runs every (seed, method) not yet in ``out``; appends one JSON row each and returns them.
+
+  Args:
+    model_loader: ``() -> (cfg, params, tokenizer)``.
+    data_loader: ``(pool_name, seed, settings, tokenizer) -> StudyData``.
+  """
+  done, rows = read_done(out), []
+  out.parent.mkdir(parents=True, exist_ok=True)
+  cfg, params, tok = model_loader()
+  for seed in seeds:
+    todo = [mt for mt in methods if row_key(pool_name, mt, seed, s, kw) not in done]
+    if not todo:
+      continue
+    t = time.time()
+    data = data_loader(pool_name, seed, s, tok)
+    m = make_model(cfg, params, s, seed)
+    data.pool_arrays = add_prefix(m, data.pool_arrays)
+    data.val_arrays = add_prefix(m, data.val_arrays)
+    prep_s = time.time() - t
+    print(f"{tag} {pool_name} s{seed}: data and prefix ready in {prep_s:.0f}s ({data.notes})",
+          flush=True)
+    cache: dict = {}
+    for method in todo:
+      t = time.time()
+      if method in BASELINES:
+        scores, secs = baseline_score(method, data, m, s, seed, cache)
+        res = {**quality(scores, data.is_bad), "wall_s": round(secs, 2)}
+        if method == "length":
+          res["separability"] = stats.separability(res["auroc"])
+      else:
+        res = run_estimator(method, data, m, s, kw, seed)
+      row = {"key": row_key(pool_name, method, seed, s, kw), "tag": tag, "pool": pool_name,
+             "method": method, "seed": seed, "settings": s, "kw": kw, "data": data.notes,
+             "prep_s": round(prep_s, 1), "device": device, "load": os.getloadavg()[0], **res,
+             "elapsed_s": round(time.time() - t, 1)}
+      with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+      rows.append(row)
+      print(f"{tag} {pool_name} s{seed} {method}: auroc {res['auroc']:.3f} prec "
+            f"{res['precision']:.3f} wall {res['wall_s']}s", flush=True)
+  return rows
+
+
+def summarize(path: pathlib.Path, tags: list[str] | None = None) -> str:
+  """A Markdown table of the rows in ``path``: mean and spread over seeds per (tag, pool, method)."""
+  groups: dict[tuple, list[dict]] = {}
+  for line in path.read_text().splitlines():
+    if line.strip():
+      r = json.loads(line)
+      if tags is None or r["tag"] in tags:
+        groups.setdefault((r["tag"], r["pool"], r["method"]), []).append(r)
+  lines = ["| tag | pool | method | seeds | AUROC mean (std) | precision@bad mean (std) | wall s "
+           "| time to 0.90 s (steps) | best AUROC |", "|" + "---|" * 9]
+  for (tag, pool, method), rs in groups.items():
+    a = np.array([r["auroc"] for r in rs])
+    pr = np.array([r["precision"] for r in rs])
+    wall = np.mean([r["wall_s"] for r in rs])
+    reach = [r.get("time_to_090_s") for r in rs if "curve" in r]
+    hit = [(r["time_to_090_s"], r["steps_to_090"]) for r in rs if r.get("time_to_090_s") is not None]
+    t90 = (f"{np.mean([h[0] for h in hit]):.0f} ({np.mean([h[1] for h in hit]):.0f}); "
+           f"{len(hit)}/{len(reach)} reached" if reach else "")
+    best = f"{np.mean([r['best_auroc'] for r in rs]):.3f}" if reach else ""
+    lines.append(f"| {tag} | {pool} | {method} | {','.join(str(r['seed']) for r in rs)} | "
+                 f"{a.mean():.3f} ({a.std():.3f}) | {pr.mean():.3f} ({pr.std():.3f}) | {wall:.0f} | "
+                 f"{t90} | {best} |")
+  return "\n".join(lines)
+
+
+def parse_value(v: str):
+  try:
+    return json.loads(v)
+  except json.JSONDecodeError:
+    return v
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--pools", default="safety_matched")
+  ap.add_argument("--seeds", default="0")
+  ap.add_argument("--methods", default="baselines," + ",".join(ESTIMATORS))
+  ap.add_argument("--set", action="append", default=[], help="setting=value (see DEFAULTS)")
+  ap.add_argument("--kw", action="append", default=[], help="estimator field=value")
+  ap.add_argument("--out", default="docs/study/rows.jsonl")
+  ap.add_argument("--tag", default="default")
+  ap.add_argument("--summarize", action="store_true", help="print the table of --out and exit")
+  a = ap.parse_args(argv)
+  if a.summarize:
+    print(summarize(pathlib.Path(a.out), a.tag.split(",") if a.tag != "all" else None))
+    return
+  s = dict(DEFAULTS)
+  for item in a.set:
+    k, v = item.split("=", 1)
+    if k not in s:
+      raise SystemExit(f"--set: unknown setting {k!r}; valid: {sorted(s)}")
+    s[k] = parse_value(v)
+  kw = {k: parse_value(v) for k, v in (item.split("=", 1) for item in a.kw)}
+  methods = []
+  for mt in a.methods.split(","):
+    methods += list(BASELINES) if mt == "baselines" else [mt]
+  bad = [mt for mt in methods if mt not in BASELINES + ESTIMATORS]
+  if bad:
+    raise SystemExit(f"--methods: unknown {bad}; valid: baselines, {BASELINES + ESTIMATORS}")
+  from bilevel_jax.model import load
+  loader = lambda: load.load_smollm2()  # noqa: E731
+  for pool_name in a.pools.split(","):
+    study(pool_name, [int(x) for x in a.seeds.split(",")], methods, s, kw, pathlib.Path(a.out),
+          a.tag, loader, pool_data, device=jax.devices()[0].device_kind)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,107 @@
+"""The selection-study driver has a pulse: tiny model, synthetic pool, every method, resume."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+
+from bilevel_jax.data.records import Record
+from bilevel_jax.model import llama
+from bilevel_jax.model.tokenizer import ByteTokenizer
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "selection_study.py"
+_spec = importlib.util.spec_from_file_location("selection_study", _PATH)
+study_mod = importlib.util.module_from_spec(_spec)
+sys.modules["selection_study"] = study_mod  # dataclasses look their module up
+_spec.loader.exec_module(study_mod)
+
+GOOD = "no sorry"
+BAD = "xq zv kw"
+
+
+def _records(n: int) -> tuple[list, list]:
+  pool = [Record(f"p{i:03d}", f"q{i}", GOOD if i % 2 else BAD, "syn",
+                 "good" if i % 2 else "harmful") for i in range(n)]
+  val = [Record(f"v{i:03d}", f"w{i}", GOOD, "syn", "good", split="validation") for i in range(8)]
+  return pool, val
+
+
+def _loaders():
+  tok = ByteTokenizer()
+  cfg = llama.tiny_config(vocab_size=tok.vocab_size, n_layers=2)
+  params = llama.init_params(cfg, jax.random.key(0))
+
+  def data_loader(name, seed, s, tokenizer):
+    pool, val = _records(16)
+    return study_mod.make_data(pool, val, s, tokenizer, seed, max_len=64)
+
+  return (lambda: (cfg, params, tok)), data_loader
+
+
+def _settings(**kw):
+  s = dict(study_mod.DEFAULTS)
+  s.update(n_layers=1, batch_size=4, val_batch_size=4, steps=3, sft_steps=2, inner_lr=0.05,
+           pool_size=0)
+  s.update(kw)
+  return s
+
+
+def test_every_method_writes_a_row_and_resumes(tmp_path):
+  out = tmp_path / "rows.jsonl"
+  model_loader, data_loader = _loaders()
+  methods = list(study_mod.BASELINES) + ["likelihood_ratio", "unroll"]
+  s, kw = _settings(), {"fit_steps": 2, "k": 2, "iters": 2, "damping": 0.1}
+  rows = study_mod.study("syn", [0], methods, s, kw, out, "t", model_loader, data_loader)
+  assert [r["method"] for r in rows] == methods
+  for r in rows:
+    assert 0.0 <= r["auroc"] <= 1.0 and 0.0 <= r["precision"] <= 1.0, r
+    assert r["data"] == {"n_built": 16, "max_len": 64, "n_fit": 16, "n_val_prompt_too_long": 0, "n": 16,
+                         "n_bad": 8, "n_val": 8}
+  by = {r["method"]: r for r in rows}
+  # Both responses have 8 bytes: length (counted from the loss mask) carries no signal.
+  assert by["length"]["auroc"] == 0.5 and by["length"]["separability"] == 0.5
+  assert len(by["unroll"]["curve"]) == 3 and by["unroll"]["kwargs"] == {"k": 2}
+  lr = by["likelihood_ratio"]
+  assert lr["steps"] == 2 + 4 and len(lr["curve"]) == 6
+  assert all(c[1] >= 0 for c in lr["curve"])
+  # Resume: nothing left to do, nothing appended.
+  again = study_mod.study("syn", [0], methods, s, kw, out, "t", model_loader, data_loader)
+  assert again == [] and len(out.read_text().splitlines()) == len(methods)
+  assert json.loads(out.read_text().splitlines()[0])["key"] == rows[0]["key"]
+
+
+def test_likelihood_ratio_finds_the_template_on_an_easy_pool(tmp_path):
+  """Validation shares the good pairs' response: a fitted copy must rank them first."""
+  model_loader, data_loader = _loaders()
+  s = _settings(inner_opt="adam", inner_lr=3e-3)
+  rows = study_mod.study("syn", [0], ["likelihood_ratio", "random"], s, {"fit_steps": 15},
+                         tmp_path / "r.jsonl", "t", model_loader, data_loader)
+  lr, rnd = rows
+  assert lr["auroc"] > 0.95 and lr["precision"] > 0.9, lr
+  assert lr["time_to_090_s"] is not None and lr["steps_to_090"] == lr["steps"]
+
+
+def test_estimator_settings_are_routed_by_field():
+  s = _settings()
+  kw = {"fit_steps": 2, "k": 4, "iters": 3, "lr": 0.5}
+  for name in study_mod.ESTIMATORS:
+    est, kwargs = study_mod.make_estimator(name, s, kw, n=16)
+    assert est.name == name
+    assert all(getattr(est, k) == v for k, v in kwargs.items())
+  assert study_mod.make_estimator("unroll", s, kw, 16)[0].k == 4
+  assert study_mod.make_estimator("penalty", s, kw, 16)[0].decay_every == 4  # one epoch
+  assert study_mod.make_estimator("one_step", s, {}, 16)[0].lr == s["inner_lr"]
+
+
+def test_quality_and_subsample():
+  is_bad = np.array([True, False, True, False, False])
+  q = study_mod.quality(np.array([0.0, 1.0, 0.1, 0.9, 0.8]), is_bad)
+  assert q == {"auroc": 1.0, "precision": 1.0}
+  q = study_mod.quality(np.array([1.0, 0.0, 0.9, 0.1, 0.2]), is_bad)
+  assert q == {"auroc": 0.0, "precision": 0.0}
+  big = np.array([True] * 30 + [False] * 70)
+  rows = study_mod.subsample(list(range(100)), big, 20, seed=0)
+  assert len(rows) == 20 == len(set(rows)) and big[rows].sum() == 6
