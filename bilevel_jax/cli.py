@@ -5,7 +5,7 @@
     bilevel-jax evaluate --config configs/X.py ...
     bilevel-jax run      --config configs/X.py ...   (everything, then the report)
     bilevel-jax report   --config configs/X.py ...   (from finished phases; trains nothing)
-    bilevel-jax refine   --config configs/X.py ...   (online self-refinement, BMO)
+    bilevel-jax refine   --config configs/X.py ...   (BDS, then online self-refinement: BMO)
     bilevel-jax plan     --config configs/X.py ...   (memory plan of the jitted steps)
     bilevel-jax data summary --pool NAME
 
@@ -67,16 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 2
     sharding.plan_from_config(cfg)
     return 0
-  if command == "refine":
-    print("refine: the online refinement driver is not wired into the CLI yet", file=sys.stderr)
-    return 2
   from bilevel_jax import experiment
   from bilevel_jax.checkpoint import FingerprintMismatch
   from bilevel_jax.metrics import TooManyNonFinite
   until = {"select": "select", "finetune": "finetune", "evaluate": "evaluate", "run": "report",
-           "report": "report"}[command]
+           "report": "report", "refine": "evaluate"}[command]
+  methods = ("bds", "bmo") if command == "refine" else None
   try:
-    workdir = experiment.run(cfg, until=until, train=command != "report")
+    workdir = experiment.run(cfg, until=until, train=command != "report", methods=methods)
   except (FingerprintMismatch, TooManyNonFinite) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -127,13 +127,72 @@ def _evaluate(ctx: loops.Context, method: str, trainable) -> dict:
   return metrics
 
 
-def run(cfg, until: str = "report", train: bool = True) -> Path:
+def _run_bmo(ctx: loops.Context, bds: dict) -> dict:
+  """BDS then online self-refinement (``bilevel_jax.refine``), as one phase ``finetune_bmo``.
+
+  The refine loop has no mid-phase checkpoints: a killed run redoes this phase from its start
+  (the phases before it are kept). Its final params are checkpointed like a fine-tune's.
+  """
+  from bilevel_jax import checkpoint as ckpt_lib
+  from bilevel_jax import metrics as metrics_lib
+  from bilevel_jax import refine as refine_lib
+  from bilevel_jax import sampling
+  from bilevel_jax.core import sft
+  cfg, r = ctx.cfg, ctx.cfg.refine
+  pdir = ctx.workdir / "finetune_bmo"
+  opt = sft.sgd_or_adam(cfg.finetune.optimizer, cfg.finetune.lr,
+                        weight_decay=cfg.finetune.weight_decay)
+  template = {"params": ctx.trainable}
+  with ckpt_lib.Checkpointer(pdir / "ckpt", fingerprint=ctx.fingerprint) as c:
+    done = (pdir / "result.json").exists() and c.restore_latest(template)
+  if done:
+    result = json.loads((pdir / "result.json").read_text())
+    return {**result, "trainable": done.state["params"]}
+  if r.weight_variant != "token":
+    raise NotImplementedError("refine.weight_variant='response' needs a reference model; the run "
+                              "chain wires the token-level ratio only (use bilevel_jax.refine)")
+  tok = ctx.tokenizer
+  rcfg = refine_lib.RefineConfig(
+      selection=r.choose, share=r.share, dynamic=r.dynamic, num_generations=r.responses_per_question,
+      regen_every=r.period, warmup_steps=r.warmup, num_steps=r.steps,
+      batch_size=cfg.finetune.batch_size, max_len=cfg.data.max_len, weighting="token", clip=r.clip,
+      sampler=sampling.SamplerConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                     top_k=r.top_k, top_p=r.top_p, stop_ids=tuple(tok.stop_ids),
+                                     pad_id=int(tok.pad_id), max_batch=cfg.evaluate.batch_size),
+      seed=cfg.seed)
+  records = [{"question": p.question, "response": p.response, "label": p.label, "index": i}
+             for i, p in enumerate(ctx.pool)]
+  rounds = []
+  with metrics_lib.MetricsLogger(pdir, enabled=ctx.is_chief,
+                                 tensorboard=cfg.metrics.tensorboard) as log:
+    res = refine_lib.refine(
+        records, tok, ctx.model_cfg, ctx.spec, jax.tree.map(lambda x: x.copy(), ctx.trainable),
+        ctx.frozen, opt, rcfg, jax.random.fold_in(jax.random.key(cfg.seed), 5),
+        weights=bds["weights"], keep=bds["keep"], on_round=rounds.append,
+        on_step=lambda t, m: log.log(t + 1, m))
+  val_batches = loops.fixed_batches(ctx.val_arrays, cfg.data.val_batch_size)
+  curve = [[0, eval_lib.validation_loss(ctx.loss_fn, ctx.trainable, ctx.frozen, val_batches)],
+           [r.steps, eval_lib.validation_loss(ctx.loss_fn, res.trainable, ctx.frozen, val_batches)]]
+  result = {"curve": curve, "n_train": int(bds["keep"].sum()), "rounds": [
+      {k: v for k, v in rd.items() if k != "regenerated_index"} for rd in rounds]}
+  if ctx.is_chief:
+    with ckpt_lib.Checkpointer(pdir / "ckpt", fingerprint=ctx.fingerprint) as c:
+      c.save(r.steps, {"params": res.trainable}, force=True)
+    with open(pdir / "generations.jsonl", "w") as f:  # May be harmful: files only.
+      for i, texts in res.generations.items():
+        f.write(json.dumps({"index": int(i), "texts": [t[:2000] for t in texts]}) + "\n")
+    (pdir / "result.json").write_text(json.dumps(result, indent=1, default=float))
+  return {**result, "trainable": res.trainable}
+
+
+def run(cfg, until: str = "report", train: bool = True, methods=None) -> Path:
   """Runs the stages of ``cfg`` up to ``until`` (``select``, ``finetune``, ``evaluate``, ``report``).
 
   Args:
     cfg: a validated config.
     until: the last stage to run.
     train: False for ``report`` alone: use finished phases only, train nothing.
+    methods: the methods to run instead of ``cfg.run.methods``.
   Returns:
     The run directory.
   """
@@ -141,7 +200,7 @@ def run(cfg, until: str = "report", train: bool = True) -> Path:
     raise ValueError(f"until must be one of {STAGES}, got {until!r}")
   stage = STAGES.index(until)
   ctx = loops.prepare(cfg)
-  methods = list(cfg.run.methods)
+  methods = list(methods or cfg.run.methods)
   sel, seeds = {}, {}
   done = lambda phase: (ctx.workdir / phase / "result.json").exists()  # noqa: E731
   need_bds = any(m in methods for m in ("bds", "bmo", "random_selection"))
@@ -157,9 +216,16 @@ def run(cfg, until: str = "report", train: bool = True) -> Path:
     return ctx.workdir
   trained, evals, curves = {}, {}, {}
   for m in methods:
-    if m == "bmo":
-      raise NotImplementedError("method 'bmo' is not wired into `run` yet; use `bilevel-jax refine`")
     if not train and not done(f"finetune_{m}"):
+      continue
+    if m == "bmo":
+      out = _run_bmo(ctx, sel["bds"])
+      trained[m], curves[m] = out["trainable"], [tuple(x) for x in out["curve"]]
+      evals[m] = {"n_train": out["n_train"]}
+      if out["rounds"]:
+        last = out["rounds"][-1]
+        evals[m].update({k: last[k] for k in ("harmful_questions_in_training",
+                                               "refusal_rate_regenerated_harmful") if k in last})
       continue
     if (m in ("bds", "random_selection") and "bds" not in sel) or (m == "one_step"
                                                                    and m not in sel):

@@ -124,3 +124,20 @@ def test_every_shipped_config_parses_through_the_cli_parser():
   for f in sorted((root / "configs").glob("*.py")):
     command, spec, overrides = cli._parse(["run", "--config", str(f), "--config.seed=2"])
     assert command == "run" and spec == str(f) and overrides == ["seed=2"]
+
+
+def test_refine_runs_bds_then_bmo(cfg_file, tmp_path, monkeypatch):
+  monkeypatch.setenv("BILEVEL_JAX_COMPILE_CACHE", "")
+  wd = tmp_path / "bmo"
+  assert cli.main(["refine", "--config", str(cfg_file), f"--config.workdir={wd}",
+                   "--config.refine.steps=4", "--config.refine.warmup=1",
+                   "--config.refine.period=2", "--config.refine.max_new_tokens=4",
+                   "--config.refine.share=0.25", "--config.evaluate.n_gsm8k=0"]) == 0
+  result = json.loads((wd / "finetune_bmo" / "result.json").read_text())
+  assert [r["round"] for r in result["rounds"]] == [0, 1]
+  assert result["rounds"][0]["questions_regenerated"] == 4  # a quarter of 16 questions
+  assert len(M.read_jsonl(wd / "finetune_bmo" / "metrics.jsonl")) == 4
+  ev = json.loads((wd / "finetune_bmo" / "eval.json").read_text())
+  assert np.isfinite(ev["val_loss"])
+  gens = [json.loads(l) for l in (wd / "finetune_bmo" / "generations.jsonl").open()]
+  assert len(gens) == 4 and all(len(g["texts"]) == 2 for g in gens)  # G = 2 responses each
