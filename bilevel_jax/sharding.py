@@ -240,22 +240,33 @@ class Layout:
 
     return jax.tree_util.tree_map_with_path(one, opt_state)
 
-  def batch(self, tree: Any) -> Any:
-    """Every batch leaf split on its leading (row) axis over ``data`` x ``fsdp``.
+  def follow(self, tree: Any, params: Any, param_shardings: Any | None = None) -> Any:
+    """Shardings for any state that carries copies of ``params`` (an estimator's warm-started
+    inner model, auxiliary copies, their optimizer states): leaves matching a param by path suffix
+    and shape follow it, everything else is replicated. Same rule as :meth:`opt_state`."""
+    return self.opt_state(tree, params, param_shardings)
 
+  def batch(self, tree: Any, row_axis: int = 0) -> Any:
+    """Every batch leaf split on its row axis over ``data`` x ``fsdp``.
+
+    Args:
+      tree: a batch (arrays or shape structs).
+      row_axis: which axis holds the rows (1 for batches stacked on a leading step axis).
     Raises:
       ValueError: when a leaf's rows are not divisible by ``data * fsdp`` devices.
     """
     n = math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+    axes = tuple(a for a in BATCH_AXES if self.mesh.shape[a] > 1)
+    lead = axes[0] if len(axes) == 1 else (axes or None)
 
     def one(path, x):
       shape = _shape(x)
-      if not shape or shape[0] % n:
+      if len(shape) <= row_axis or shape[row_axis] % n:
         raise ValueError(f"sharding: batch field {jax.tree_util.keystr(path)} has shape {shape}; "
-                         f"its leading (row) axis must be divisible by data*fsdp = {n}")
-      axes = tuple(a for a in BATCH_AXES if self.mesh.shape[a] > 1)
-      lead = axes[0] if len(axes) == 1 else (axes or None)
-      return self.sharding(P(lead, *([None] * (len(shape) - 1))))
+                         f"its row axis {row_axis} must be divisible by data*fsdp = {n}")
+      spec = [None] * len(shape)
+      spec[row_axis] = lead
+      return self.sharding(P(*spec))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 
@@ -402,30 +413,8 @@ def init_opt_state(optimizer, params: Any, layout: Layout) -> Any:
   return init_sharded(optimizer.init, lambda st: layout.opt_state(st, params, param_sh), params)
 
 
-# ----------------------------------------------------------------------------- the SFT step
-
-
-def sharded_inner_step(loss_fn, optimizer, layout: Layout, trainable: Any, frozen: Any,
-                       opt_state: Any, batch: Any, *, donate: bool = True) -> ShardedFunction:
-  """``core.sft.inner_step`` jitted with explicit shardings on ``layout``, state donated.
-
-  The example trees (arrays or ``jax.ShapeDtypeStruct``) fix the shardings: trainable and frozen
-  params by the logical rules, optimizer state following the trainable params, batch rows and the
-  per-row weights over data x fsdp, metrics replicated.
-
-  Returns:
-    ``step(trainable, frozen, opt_state, batch, weights) -> (trainable, opt_state, metrics)``.
-  """
-  from bilevel_jax.core import sft
-
-  t_sh, f_sh = layout.params(trainable), layout.params(frozen)
-  o_sh = layout.opt_state(opt_state, trainable, t_sh)
-  b_sh = layout.batch(batch)
-  rows = jax.tree.leaves(batch)[0].shape[0]
-  w_sh = layout.batch(jax.ShapeDtypeStruct((rows,), jnp.float32))
-
-  def step(trainable, frozen, opt_state, batch, weights):
-    return sft.inner_step(loss_fn, optimizer, trainable, frozen, opt_state, batch, weights)
-
-  return shard_jit(step, layout.mesh, (t_sh, f_sh, o_sh, b_sh, w_sh),
-                   (t_sh, o_sh, layout.replicated()), donate_argnums=(0, 2) if donate else ())
+def plan_from_config(cfg, print_fn=print):
+  """``bilevel-jax plan``: compiles the run's steps and prints their per-device memory (see
+  :func:`bilevel_jax.parallel.plan_from_config`)."""
+  from bilevel_jax import parallel
+  return parallel.plan_from_config(cfg, print_fn=print_fn)
