@@ -141,3 +141,10 @@ def test_refine_runs_bds_then_bmo(cfg_file, tmp_path, monkeypatch):
   assert np.isfinite(ev["val_loss"])
   gens = [json.loads(l) for l in (wd / "finetune_bmo" / "generations.jsonl").open()]
   assert len(gens) == 4 and all(len(g["texts"]) == 2 for g in gens)  # G = 2 responses each
+
+
+def test_plan_prints_a_memory_table(cfg_file, capsys):
+  # 8 fake CPU devices (tests/conftest.py): batches must split over data * fsdp = 8.
+  assert cli.main(["plan", "--config", str(cfg_file), "--config.data.batch_size=8",
+                   "--config.data.val_batch_size=8", "--config.finetune.batch_size=8"]) == 0
+  assert "memory plan: model tiny" in capsys.readouterr().out
