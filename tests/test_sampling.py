@@ -234,3 +234,22 @@ def test_lora_sampling_equals_merged_weights():
   np.testing.assert_array_equal(out.tokens, ref.tokens)
   np.testing.assert_allclose(out.log_probs, ref.log_probs, atol=1e-4)
   assert not np.array_equal(out.tokens, base.tokens)  # the adapter changes the answers
+
+
+@pytest.mark.slow
+def test_real_model_greedy_answer_and_padding_invariance():
+  """SmolLM2-135M-Instruct through the sampler: the known answer, and batch == alone."""
+  from bilevel_jax.model import load
+  cfg, params, tok = load.load_smollm2()
+  questions = ["What is the capital of France?", "Name a primary colour. Answer in one word."]
+  prompts = [tok.encode_chat(q)[0] for q in questions]
+  assert len(prompts[0]) != len(prompts[1])
+  scfg = sampling.SamplerConfig(max_new_tokens=16, greedy=True, stop_ids=tok.stop_ids,
+                                pad_id=tok.pad_id)
+  out = sampling.generate(params, cfg, scfg, prompts, jax.random.key(0))
+  answer = tok.decode([t for t in sampling.response_tokens(out, 0) if t not in tok.stop_ids])
+  assert "Paris" in answer and out.stopped[0]
+  for row, prompt in enumerate(prompts):
+    alone = sampling.generate(params, cfg, scfg, [prompt], jax.random.key(0))
+    np.testing.assert_array_equal(out.tokens[row], alone.tokens[0])
+    np.testing.assert_allclose(out.log_probs[row], alone.log_probs[0], atol=1e-4)
