@@ -111,6 +111,8 @@ def _abstract(tree: Any) -> Any:
   """Shape/dtype/sharding template of a pytree of arrays, for restoring onto the same layout."""
 
   def one(x):
+    if isinstance(x, jax.ShapeDtypeStruct):  # already a template (e.g. carrying a new sharding)
+      return x
     if isinstance(x, jax.Array):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     x = np.asarray(x)

@@ -1,0 +1,206 @@
+"""Two processes x two CPU devices on 127.0.0.1 run bilevel selection like one process does.
+
+The test starts this file twice as a worker (``python tests/test_multihost.py --worker ...``): the
+workers join with ``jax.distributed`` (gloo collectives), build a (data=2, fsdp=2) mesh over their
+4 devices, each load only the batch rows that live on their own devices, and run outer steps of
+``unroll`` bilevel selection with the weight logits split over ``data`` (so over both hosts).
+After the third step worker 1 sends itself SIGTERM; the :class:`PreemptionGuard` all-gathers the
+flag, both workers stop at that same step and write one checkpoint together. This pytest process
+(8 devices, one process) then computes the same three steps on one device, and restores the
+checkpoint onto a (2, 2, 2) mesh: a different process count, device count and mesh.
+
+Tolerance: as in test_sharding.py (rounding of reordered f32 sums, ``EST_RTOL``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+EST_RTOL = 5e-5
+N_EXAMPLES, BATCH, STOP_AFTER, MAX_STEPS = 16, 8, 3, 8
+
+
+# ----------------------------------------------------------------------------- shared set-up
+
+
+def build():
+  """Everything both sides need: the problem, the estimator and the batches of each step."""
+  import jax
+  import jax.numpy as jnp
+
+  from bilevel_jax.core import hypergrad, select, sft
+  from bilevel_jax.model import llama, lora
+
+  cfg = llama.tiny_config(n_layers=1)
+  spec = lora.TrainableSpec("full")
+  problem = hypergrad.Problem(sft.make_loss_fn(lora.make_logits_fn(spec, cfg)),
+                              sft.sgd_or_adam("sgd", 0.1))
+  est = hypergrad.make_estimator("unroll", k=1)
+  logit_opt = select.default_logit_optimizer(est)
+
+  def init(key):
+    return select.init_state(problem, est, llama.init_params(cfg, key), N_EXAMPLES, logit_opt)
+
+  rng = np.random.default_rng(0)
+  t = 12
+  toks = rng.integers(0, cfg.vocab_size, (N_EXAMPLES + BATCH, t + 1)).astype(np.int32)
+  ar = np.arange(t)
+  arrays = {"tokens": toks[:, :-1], "targets": toks[:, 1:],
+            "loss_mask": np.broadcast_to((ar >= 3).astype(np.float32), (len(toks), t)).copy(),
+            "positions": np.broadcast_to(ar, (len(toks), t)).astype(np.int32).copy(),
+            "segment_ids": np.ones((len(toks), t), np.int32),
+            "index": np.arange(len(toks), dtype=np.int32)}
+  pool = {k: v[:N_EXAMPLES] for k, v in arrays.items()}
+  val = {k: v[N_EXAMPLES:] for k, v in arrays.items()}
+  val["index"] = np.zeros(BATCH, np.int32)
+
+  def batches(step):
+    """Global batches of outer step ``step`` (host arrays): a fixed shuffle of the pool."""
+    rows = np.random.default_rng(100 + step).permutation(N_EXAMPLES)[:BATCH]
+    return {"train": {k: v[rows][None] for k, v in pool.items()}, "val": val}
+
+  return problem, est, logit_opt, init, batches, jax.random.key(0), jnp
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+def worker(process_id: int, port: int, workdir: str) -> None:
+  import jax
+  jax.config.update("jax_num_cpu_devices", 2)
+  from bilevel_jax import distributed, parallel, sharding
+  from bilevel_jax.checkpoint import Checkpointer
+  from jax.experimental import multihost_utils
+
+  distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                         process_id=process_id)
+  assert jax.device_count() == 4 and jax.local_device_count() == 2
+  problem, est, logit_opt, init, batches, key, _ = build()
+  layout = sharding.make_layout((2, 2, 1), weights="data")
+  abstract_state = jax.eval_shape(init, key)
+  example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batches(0))
+  step = parallel.sharded_outer_step(problem, est, logit_opt, layout, abstract_state, {}, example)
+  s_sh, _, b_sh, _ = step.in_shardings
+  state = jax.jit(init, out_shardings=s_sh)(key)  # born sharded across both hosts
+
+  def local_batches(t):
+    full = batches(t)
+    train_rows = distributed.local_rows(b_sh["train"]["tokens"], BATCH, row_axis=1)
+    val_rows = distributed.local_rows(b_sh["val"]["tokens"], BATCH)
+    local = {"train": {k: v[:, train_rows] for k, v in full["train"].items()},
+             "val": {k: v[val_rows] for k, v in full["val"].items()}}
+    return {"train": distributed.global_batch(local["train"], b_sh["train"], BATCH, row_axis=1),
+            "val": distributed.global_batch(local["val"], b_sh["val"], BATCH)}, len(train_rows)
+
+  ckpt = Checkpointer(Path(workdir) / "ckpt", fingerprint="multihost-test", async_save=True)
+  stopped_at, local_rows_per_host = None, None
+  with distributed.PreemptionGuard() as guard:
+    for t in range(MAX_STEPS):
+      b, local_rows_per_host = local_batches(t)
+      state, _ = step(state, {}, b, jax.random.fold_in(key, t))
+      if process_id == 1 and t + 1 == STOP_AFTER:
+        os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice on one host only
+      if guard.should_stop(t):
+        ckpt.save(t + 1, state, force=True)
+        stopped_at = t + 1
+        break
+  ckpt.close()
+  logits = multihost_utils.process_allgather(state.logits, tiled=True)
+  result = {"process": process_id, "stopped_at": stopped_at, "signalled": guard.local_request,
+            "local_rows": local_rows_per_host, "logits": np.asarray(logits).tolist()}
+  Path(workdir, f"result_{process_id}.json").write_text(json.dumps(result))
+  jax.distributed.shutdown()
+
+
+# ----------------------------------------------------------------------------- the test
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _single_process_reference(n_steps):
+  import jax
+  from bilevel_jax.core import select
+
+  problem, est, logit_opt, init, batches, key, jnp = build()
+  step = select.make_outer_step(problem, est, logit_opt, donate=False)
+  state = jax.jit(init)(key)
+  for t in range(n_steps):
+    state, _ = step(state, {}, jax.tree.map(jnp.asarray, batches(t)), jax.random.fold_in(key, t))
+  return state, init, key
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def test_two_processes_match_one_and_checkpoint_restores_on_another_mesh(tmp_path):
+  import jax
+  import pytest
+
+  from bilevel_jax import sharding
+  from bilevel_jax.checkpoint import Checkpointer
+  from bilevel_jax.parallel import select_state_shardings
+
+  pytest.importorskip("jax.experimental.multihost_utils")
+  port = _free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])}
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(i), str(port),
+                             str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    outputs.append(out)
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, f"worker failed:\n{out[-4000:]}"
+  results = [json.loads((tmp_path / f"result_{i}.json").read_text()) for i in range(2)]
+
+  # The SIGTERM reached worker 1 only; both stopped at the same step and took part in the save.
+  assert [r["signalled"] for r in results] == [False, True]
+  assert [r["stopped_at"] for r in results] == [STOP_AFTER, STOP_AFTER]
+  assert [r["local_rows"] for r in results] == [BATCH // 2, BATCH // 2]  # each host its half
+
+  want, init, key = _single_process_reference(STOP_AFTER)
+  assert np.ptp(np.asarray(want.logits)) > 0
+  for r in results:
+    assert _rel(r["logits"], want.logits) <= EST_RTOL
+
+  # Restore the 2-process, 4-device checkpoint in this single process on a (2, 2, 2) mesh.
+  layout = sharding.make_layout((2, 2, 2), weights="data", devices=jax.devices("cpu")[:8])
+  abstract = jax.eval_shape(init, key)
+  target = sharding.abstract(abstract, select_state_shardings(layout, abstract))
+  with Checkpointer(tmp_path / "ckpt", fingerprint="multihost-test") as ckpt:
+    restored = ckpt.restore_latest(target)
+  assert restored.step == STOP_AFTER
+  state = restored.state
+  assert state.logits.sharding == layout.omega(16)
+  assert state.est.params["layers"]["wq"].sharding == layout.params(abstract.est.params)["layers"]["wq"]
+  np.testing.assert_array_equal(np.asarray(state.logits), np.asarray(results[0]["logits"],
+                                                                      np.float32))
+  for got, ref in zip(jax.tree.leaves(state.est.params), jax.tree.leaves(want.est.params)):
+    assert _rel(got, ref) <= EST_RTOL
+  assert int(state.step) == STOP_AFTER
+
+
+if __name__ == "__main__":
+  if sys.argv[1:2] == ["--worker"]:
+    worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
