@@ -152,7 +152,8 @@ def decoder_setup(kind, seed=0, b=3, t=8):
     tokens = rng.integers(3, cfg.vocab_size, size=(b, t))
     mask = np.zeros((b, t))
     mask[:, 3:] = 1.0  # the first tokens are the prompt
-    return {"tokens": jnp.asarray(tokens, jnp.int32), "targets": jnp.asarray(np.roll(tokens, -1, 1), jnp.int32),
+    return {"tokens": jnp.asarray(tokens, jnp.int32),
+            "targets": jnp.asarray(np.roll(tokens, -1, 1), jnp.int32),
             "loss_mask": jnp.asarray(mask, F64), "positions": jnp.broadcast_to(jnp.arange(t), (b, t)),
             "segment_ids": jnp.ones((b, t), jnp.int32), "index": jnp.asarray(index, jnp.int32)}
 
@@ -433,7 +434,8 @@ def test_select_driver_runs_resumes_and_keeps_caller_params():
                     sel.cycle([val]), num_steps=6, outer_step=step, history_every=2)
   np.asarray(theta)  # still alive: the driver copies before donating
   assert full.history.shape == (4, 8) and list(full.history_steps) == [0, 2, 4, 6]
-  assert len(full.metrics) == 6 and {"val_loss", "hypergrad_norm", "ess", "entropy"} <= set(full.metrics[0])
+  assert len(full.metrics) == 6
+  assert {"val_loss", "hypergrad_norm", "ess", "entropy"} <= set(full.metrics[0])
   assert not np.allclose(full.logits, 0.0)
   np.testing.assert_allclose(full.weights.sum(), 8.0, rtol=1e-5)
   it = sel.epoch_batches(arrays, 3, seed=0)

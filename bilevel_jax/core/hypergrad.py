@@ -337,7 +337,8 @@ class Penalty(Estimator):
   lam_min: float = 0.0
 
   def lam(self, step: Int[Array, ""]) -> Float[Array, ""]:
-    lam = self.lam_init - self.lam_decay * (step // max(self.decay_every, 1)).astype(jnp.result_type(float))
+    decays = (step // max(self.decay_every, 1)).astype(jnp.result_type(float))
+    lam = self.lam_init - self.lam_decay * decays
     return jnp.maximum(lam, self.lam_min)
 
   def __call__(self, problem, state, logits, frozen, batches, key):

@@ -96,7 +96,7 @@ def init_state(problem: hypergrad.Problem, estimator: hypergrad.Estimator, param
 
 def make_outer_step(problem: hypergrad.Problem, estimator: hypergrad.Estimator,
                     logit_optimizer: optax.GradientTransformation, *, jit: bool = True,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, compiler_options: dict | None = None) -> Callable:
   """``outer_step(state, frozen, batches, key) -> (state, metrics)``.
 
   Args:
@@ -104,6 +104,8 @@ def make_outer_step(problem: hypergrad.Problem, estimator: hypergrad.Estimator,
     logit_optimizer: optax optimizer of the logits.
     jit: return the jitted step (state donated when ``donate``); ``False`` returns the pure function,
       e.g. to jit it with explicit ``in_shardings``/``out_shardings``.
+    compiler_options: passed to ``jax.jit`` (tests use ``xla_backend_optimization_level=0`` to halve
+      the compile time of tiny programs).
   """
 
   def outer_step(state: SelectState, frozen: Params, batches: dict, key: Array):
@@ -118,7 +120,8 @@ def make_outer_step(problem: hypergrad.Problem, estimator: hypergrad.Estimator,
 
   if not jit:
     return outer_step
-  return jax.jit(outer_step, donate_argnums=(0,) if donate else ())
+  return jax.jit(outer_step, donate_argnums=(0,) if donate else (),
+                 compiler_options=compiler_options)
 
 
 # ----------------------------------------------------------------------------- batches
