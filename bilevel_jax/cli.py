@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   import jax
   if cfg.mesh.distributed:
-    jax.distributed.initialize()
+    from bilevel_jax import distributed
+    distributed.initialize(cfg.mesh)
   # Compiled steps are cached on disk, so a resumed or repeated run does not compile again.
   cache = os.environ.get("BILEVEL_JAX_COMPILE_CACHE",
                          str(Path.home() / ".cache" / "bilevel_jax" / "jax_compile"))

@@ -45,6 +45,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "refine.weight_variant": ("token", "response"),
     "run.methods": METHODS,
     "run.selection_scores": SCORES,
+    "mesh.rules": ("fsdp", "dp"),
+    "mesh.weights": ("replicated", "data"),
 }
 
 
@@ -139,6 +141,11 @@ def base_config() -> ConfigDict:
   c.mesh = ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 fills with the remaining devices.
   c.mesh.distributed = False  # Call jax.distributed.initialize() (multi-host).
+  c.mesh.rules = "fsdp"  # Logical-axis rules (bilevel_jax.sharding): fsdp or dp (replicated params).
+  c.mesh.weights = "replicated"  # Weight logits: replicated, or split over the data axis.
+  c.mesh.coordinator_address = ""  # host:port of process 0; "" = auto-detect (TPU, SLURM, GKE).
+  c.mesh.num_processes = 0  # 0 = auto-detect.
+  c.mesh.process_id = -1  # -1 = auto-detect.
   return c
 
 

@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+pytestmark = pytest.mark.multiprocess
 EST_RTOL = 5e-5
 N_EXAMPLES, BATCH, STOP_AFTER, MAX_STEPS = 16, 8, 3, 8
 
@@ -148,13 +150,11 @@ def _rel(a, b):
 
 def test_two_processes_match_one_and_checkpoint_restores_on_another_mesh(tmp_path):
   import jax
-  import pytest
 
   from bilevel_jax import sharding
   from bilevel_jax.checkpoint import Checkpointer
   from bilevel_jax.parallel import select_state_shardings
 
-  pytest.importorskip("jax.experimental.multihost_utils")
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])}
   env.pop("XLA_FLAGS", None)
@@ -204,3 +204,24 @@ def test_two_processes_match_one_and_checkpoint_restores_on_another_mesh(tmp_pat
 if __name__ == "__main__":
   if sys.argv[1:2] == ["--worker"]:
     worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+
+
+def test_single_process_helpers():
+  import jax
+
+  from bilevel_jax import distributed, sharding
+
+  assert distributed.initialize(None) is False
+  assert distributed.initialize({"distributed": False}) is False
+  layout = sharding.make_layout((2, 2, 2), devices=jax.devices("cpu")[:8])
+  sh = layout.batch({"x": np.zeros((8, 3))})["x"]
+  np.testing.assert_array_equal(distributed.local_rows(sh, 8), np.arange(8))  # one process: all
+  batch = distributed.global_batch({"x": np.arange(24.0).reshape(8, 3)}, {"x": sh}, 8)
+  assert batch["x"].sharding == sh
+  np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(24.0).reshape(8, 3))
+  with distributed.PreemptionGuard(every=2) as guard:
+    assert not guard.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.local_request
+    assert guard.should_stop() is True  # 2nd call: a check
+  assert signal.getsignal(signal.SIGTERM) is not guard._handler  # the old handler is back

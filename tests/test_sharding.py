@@ -323,3 +323,17 @@ def test_memory_plan_is_per_device_and_shrinks_with_fsdp():
   assert dp.aliased > 0  # params and optimizer state are donated and updated in place
   table = parallel.format_plans(plans)
   assert "8/1/1" in table and "1/8/1" in table and "total" in table
+
+
+def test_plan_from_run_config_prints_the_table():
+  from bilevel_jax import config as config_lib
+
+  cfg = config_lib.base_config()  # the tiny model
+  cfg.mesh.shape = (2, -1, 1)
+  cfg.data.max_len = 16
+  lines = []
+  plans = sharding.plan_from_config(cfg, print_fn=lines.append)
+  assert [p.mesh for p in plans] == [{"data": 2, "fsdp": 4, "tensor": 1}] * 2
+  assert plans[1].name == f"select_{cfg.select.estimator}"
+  assert all(p.arguments > 0 and p.total >= p.arguments for p in plans)
+  assert "finetune_step" in lines[-1] and "2/4/1" in lines[-1]
