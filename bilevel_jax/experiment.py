@@ -211,9 +211,9 @@ def run(cfg, until: str = "report", train: bool = True, methods=None) -> Path:
                     if train or done(f"select_bds_s{s}")]
   if "one_step" in methods and (train or done("select_one_step")):
     sel["one_step"] = loops.run_select(ctx, "one_step", estimator="one_step")
-  base_losses = _pool_losses(ctx, ctx.trainable)
   if stage == 0:
     return ctx.workdir
+  base_losses = _pool_losses(ctx, ctx.trainable)
   trained, evals, curves = {}, {}, {}
   for m in methods:
     if not train and not done(f"finetune_{m}"):

@@ -457,7 +457,7 @@ def run_finetune(ctx: Context, method: str, arrays: dict) -> dict:
     return {"params": params, "opt_state": opt_state}, m
 
   step.cache_key = "finetune"  # Same optimizer and loss for every method: compile once.
-  every = max(1, cfg.finetune.steps // 8)
+  every = max(1, cfg.finetune.steps // 4)  # A few curve points: each costs a validation pass.
 
   def on_log(t, state, extra):
     if t % every == 0 or t == cfg.finetune.steps:
