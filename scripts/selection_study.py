@@ -192,6 +192,27 @@ def add_prefix(m: StudyModel, arrays: dict, chunk: int = 8) -> dict:
   return {**arrays, "prefix_hidden": np.concatenate(outs)}
 
 
+def cached_prefix(m: StudyModel, data: StudyData, cache_dir: pathlib.Path | None, key) -> tuple:
+  """:func:`add_prefix` of pool and validation arrays, stored under ``cache_dir`` by settings."""
+  if cache_dir is None or m.spec.kind != "last_n_layers":
+    return add_prefix(m, data.pool_arrays), add_prefix(m, data.val_arrays)
+  pool_name, seed, s = key
+  fields = ("n_layers", "max_len", "pool_size", "fit_only", "val_size")
+  name = f"{pool_name}-s{seed}-" + "-".join(f"{f}{s[f]}" for f in fields) + ".npz"
+  path = cache_dir / name
+  if path.exists():
+    z = np.load(path)
+    if (np.array_equal(z["pool_tokens"], data.pool_arrays["tokens"])
+        and np.array_equal(z["val_tokens"], data.val_arrays["tokens"])):
+      return ({**data.pool_arrays, "prefix_hidden": z["pool"]},
+              {**data.val_arrays, "prefix_hidden": z["val"]})
+  pa, va = add_prefix(m, data.pool_arrays), add_prefix(m, data.val_arrays)
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  np.savez(path, pool=pa["prefix_hidden"], val=va["prefix_hidden"],
+           pool_tokens=pa["tokens"], val_tokens=va["tokens"])
+  return pa, va
+
+
 def batches_of(arrays: dict, batch_size: int) -> list[dict]:
   """Every example once, in order, in same-shaped batches (the last padded with index -1)."""
   n, out = len(arrays["index"]), []
@@ -333,12 +354,14 @@ def read_done(path: pathlib.Path) -> set[str]:
 
 
 def study(pool_name: str, seeds, methods, s: dict, kw: dict, out: pathlib.Path, tag: str,
-          model_loader: Callable, data_loader: Callable, device: str = "cpu") -> list[dict]:
+          model_loader: Callable, data_loader: Callable, device: str = "cpu",
+          cache_dir: pathlib.Path | None = None) -> list[dict]:
   """Runs every (seed, method) not yet in ``out``; appends one JSON row each and returns them.
 
   Args:
     model_loader: ``() -> (cfg, params, tokenizer)``.
     data_loader: ``(pool_name, seed, settings, tokenizer) -> StudyData``.
+    cache_dir: where the frozen prefix's hidden states are kept between runs (None: not kept).
   """
   done, rows = read_done(out), []
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -350,8 +373,7 @@ def study(pool_name: str, seeds, methods, s: dict, kw: dict, out: pathlib.Path, 
     t = time.time()
     data = data_loader(pool_name, seed, s, tok)
     m = make_model(cfg, params, s, seed)
-    data.pool_arrays = add_prefix(m, data.pool_arrays)
-    data.val_arrays = add_prefix(m, data.val_arrays)
+    data.pool_arrays, data.val_arrays = cached_prefix(m, data, cache_dir, (pool_name, seed, s))
     prep_s = time.time() - t
     print(f"{tag} {pool_name} s{seed}: data and prefix ready in {prep_s:.0f}s ({data.notes})",
           flush=True)
@@ -418,6 +440,8 @@ def main(argv=None):
   ap.add_argument("--kw", action="append", default=[], help="estimator field=value")
   ap.add_argument("--out", default="docs/study/rows.jsonl")
   ap.add_argument("--tag", default="default")
+  ap.add_argument("--cache", default="/tmp/bilevel_jax_study_cache",
+                  help="directory for the frozen-prefix hidden states ('' to recompute)")
   ap.add_argument("--summarize", action="store_true", help="print the table of --out and exit")
   a = ap.parse_args(argv)
   if a.summarize:
@@ -440,7 +464,8 @@ def main(argv=None):
   loader = lambda: load.load_smollm2()  # noqa: E731
   for pool_name in a.pools.split(","):
     study(pool_name, [int(x) for x in a.seeds.split(",")], methods, s, kw, pathlib.Path(a.out),
-          a.tag, loader, pool_data, device=jax.devices()[0].device_kind)
+          a.tag, loader, pool_data, device=jax.devices()[0].device_kind,
+          cache_dir=pathlib.Path(a.cache) if a.cache else None)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,27 @@ def test_quality_and_subsample():
   big = np.array([True] * 30 + [False] * 70)
   rows = study_mod.subsample(list(range(100)), big, 20, seed=0)
   assert len(rows) == 20 == len(set(rows)) and big[rows].sum() == 6
+
+
+def test_prefix_cache_is_reused_and_checked_against_tokens(tmp_path, monkeypatch):
+  """The stored prefix equals a fresh one; a different pool under the same name is recomputed."""
+  model_loader, data_loader = _loaders()
+  cfg, params, tok = model_loader()
+  s = _settings()
+  data = data_loader("syn", 0, s, tok)
+  m = study_mod.make_model(cfg, params, s, 0)
+  key = ("syn", 0, s)
+  pa, va = study_mod.cached_prefix(m, data, tmp_path, key)
+  assert len(list(tmp_path.glob("syn-s0-*.npz"))) == 1
+  calls = []
+  real = study_mod.add_prefix
+  monkeypatch.setattr(study_mod, "add_prefix", lambda *a, **k: calls.append(1) or real(*a, **k))
+  pa2, va2 = study_mod.cached_prefix(m, data, tmp_path, key)
+  assert calls == []  # read back, not recomputed
+  np.testing.assert_array_equal(pa2["prefix_hidden"], pa["prefix_hidden"])
+  np.testing.assert_array_equal(va2["prefix_hidden"], va["prefix_hidden"])
+  # Same file name, other tokens (e.g. the pool builder changed): the stale file must not be used.
+  data.pool_arrays = {**data.pool_arrays, "tokens": data.pool_arrays["tokens"][::-1].copy()}
+  pa3, _ = study_mod.cached_prefix(m, data, tmp_path, key)
+  assert calls == [1, 1]
+  np.testing.assert_array_equal(pa3["prefix_hidden"], real(m, data.pool_arrays)["prefix_hidden"])
