@@ -306,6 +306,7 @@ def refine(records: Sequence[Any], tokenizer, cfg: llama.LlamaConfig, spec: lora
   regenerated: dict[int, list[Example]] = {}
   texts: dict[int, list[str]] = {}
   rounds, steps = [], []
+  pool = None
   stop_ids = set(rcfg.sampler.stop_ids)
 
   for step in range(rcfg.num_steps):
@@ -332,10 +333,12 @@ def refine(records: Sequence[Any], tokenizer, cfg: llama.LlamaConfig, spec: lora
       rounds.append(report)
       if on_round is not None:
         on_round(report)
-    pool = [("offline", i) for i in np.flatnonzero(keep_pos) if int(i) not in regenerated]
-    pool += [("regen", i) for i in sorted(regenerated)]
-    if not pool:
-      raise ValueError("refine: nothing to train on (no kept pairs and no regenerated questions)")
+    if pool is None or rounds and rounds[-1]["step"] == step:
+      # The items a step draws from change only when a round regenerates.
+      pool = [("offline", int(i)) for i in np.flatnonzero(keep_pos) if int(i) not in regenerated]
+      pool += [("regen", i) for i in sorted(regenerated)]
+      if not pool:
+        raise ValueError("refine: nothing to train on (no kept pairs and no regenerated questions)")
     picks = rng.integers(0, len(pool), size=rcfg.batch_size)
     examples = []
     for j in picks:
@@ -351,7 +354,8 @@ def refine(records: Sequence[Any], tokenizer, cfg: llama.LlamaConfig, spec: lora
     steps.append(metrics)
     if on_step is not None:
       on_step(step, metrics)
-  return RefineResult(trainable, opt_state, rounds, steps, texts)
+  generations = {pairs[i].index: t for i, t in texts.items()}
+  return RefineResult(trainable, opt_state, rounds, steps, generations)
 
 
 @functools.lru_cache(maxsize=8)

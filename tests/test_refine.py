@@ -109,7 +109,8 @@ def test_keep_mask_counts_dropped_questions():
   rcfg = dataclasses.replace(BASE, share=0.25, warmup_steps=0, num_steps=1)
   keep = np.ones(20, bool)
   keep[[0, 1, 15]] = False  # BDS rejected two good pairs and a harmful one
-  r = run(rcfg, keep=keep).rounds[0]
+  res = run(rcfg, keep=keep)
+  r = res.rounds[0]
   # share 0.25 regenerates the 5 lowest-weighted pairs: indices 10..14.
   assert r["regenerated_index"] == [10, 11, 12, 13, 14]
   assert r["questions_regenerated"] == 5
@@ -117,6 +118,15 @@ def test_keep_mask_counts_dropped_questions():
   assert r["questions_dropped"] == 3
   assert r["harmful_kept_offline"] == 4  # 16..19
   assert r["harmful_questions_in_training"] == 0.9
+  # Records in another order with other indices: reports and generations use record indices.
+  shuffled = [dict(r, index=r["index"] + 100) for r in RECORDS[::-1]]
+  params = llama.init_params(CFG, jax.random.key(0))
+  trainable, frozen = lora_lib.split(SPEC, CFG, params)
+  weights = np.concatenate([np.zeros(100, np.float32), BDS_WEIGHTS])
+  res2 = refine.refine(shuffled, TOK, CFG, SPEC, trainable, frozen, OPT, rcfg, jax.random.key(1),
+                       weights=weights)
+  assert sorted(res2.generations) == sorted(res2.rounds[0]["regenerated_index"])
+  assert all(110 <= i < 120 for i in res2.generations)
 
 
 def test_choose_questions():
