@@ -1,6 +1,7 @@
 """The benchmark suite: one entry point, one sub-benchmark per part of the library.
 
-  .venv/bin/python scripts/bench.py sft|hypergrad|sampling|demo|all [--rounds N] [--no-docs]
+  .venv/bin/python scripts/bench.py sft|hypergrad|sampling|demo|all [--rounds N] [--kinds lora,full]
+      [--no-docs]
 
 Each sub-benchmark prints medians of alternating runs and its ratios (against PyTorch on the same
 work, against the plain SFT step where that applies, achieved FLOP/s against the f32 matmul peak
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import time
 import traceback
@@ -32,7 +34,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
 }
 
 
-def run_one(name: str, rounds: int | None, write_docs: bool) -> bool:
+def run_one(name: str, rounds: int | None, write_docs: bool, kinds: tuple[str, ...] | None = None) -> bool:
   module_name, fn_name, _ = REGISTRY[name]
   try:
     module = importlib.import_module(module_name)
@@ -45,7 +47,11 @@ def run_one(name: str, rounds: int | None, write_docs: bool) -> bool:
   kwargs = {"write_docs": write_docs}
   if rounds is not None:
     kwargs["rounds"] = rounds
-  getattr(module, fn_name)(**kwargs)
+  fn = getattr(module, fn_name)
+  # Only the model benchmarks have a trainable set; the others ignore --kinds rather than fail.
+  if kinds is not None and "kinds" in inspect.signature(fn).parameters:
+    kwargs["kinds"] = kinds
+  fn(**kwargs)
   print(f"[{name}] done in {time.perf_counter() - start:.0f} s", flush=True)
   return True
 
@@ -54,13 +60,16 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("which", choices=[*REGISTRY, "all"], help="; ".join(f"{k}: {v[2]}" for k, v in REGISTRY.items()))
   p.add_argument("--rounds", type=int, default=None, help="timed runs per side (default: each benchmark's own)")
+  p.add_argument("--kinds", default=None,
+                 help="comma-separated trainable sets (lora, full) for sft and hypergrad (default: both)")
   p.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
   args = p.parse_args(argv)
   names = list(REGISTRY) if args.which == "all" else [args.which]
   failed = []
   for name in names:
     try:
-      run_one(name, args.rounds, not args.no_docs)
+      run_one(name, args.rounds, not args.no_docs,
+              tuple(args.kinds.split(",")) if args.kinds else None)
     except Exception:  # one broken part must not hide the others' numbers
       traceback.print_exc()
       failed.append(name)
