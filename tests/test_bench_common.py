@@ -61,3 +61,39 @@ def test_worker_error_is_reported(tmp_path):
   with _worker(tmp_path, "c", 1.0) as c:
     with pytest.raises(bc.WorkerError, match="broken on purpose"):
       c.call("fail")
+
+
+def test_demo_timings_from_event_stamps(tmp_path, monkeypatch):
+  """bench_demo reads phase wall times back from the stamps EventFileWriter writes."""
+  import json
+  import os
+
+  import bench_demo
+  from bilevel_jax import metrics as metrics_lib
+
+  clock = iter([1000.0, 1010.0, 1012.0, 1014.0, 1020.0])  # open, then steps 1, 2, 3, 4
+  monkeypatch.setattr(metrics_lib.time, "time", lambda: next(clock))
+  pdir = tmp_path / "run" / "select_bds"
+  writer = metrics_lib.EventFileWriter(pdir / "tb")
+  for step in (1, 2, 3, 4):
+    writer.scalars(step, {"loss": 1.0})
+  writer.close()
+  (pdir / "result.json").write_text(json.dumps({}))
+  os.utime(pdir / "result.json", (1025.0, 1025.0))
+  (tmp_path / "run" / "not_a_phase").mkdir()
+
+  t = bench_demo.phase_timing(pdir)
+  assert t["steps"] == 4 and t["attempts"] == 1 and t["done"]
+  assert t["wall_s"] == 25.0  # logger opened at 1000, result.json at 1025
+  assert t["first_step_s"] == 10.0
+  assert t["median_step_s"] == 2.0  # gaps 2, 2, 6: the checkpoint-like outlier is left out
+  res = bench_demo.run_timing(tmp_path / "run")
+  assert [p["phase"] for p in res["phases"]] == ["select_bds"]
+  assert res["total_s"] is None  # no report yet
+
+
+def test_demo_skips_without_run_directory(tmp_path):
+  import bench_demo
+
+  res = bench_demo.run(write_docs=False, workdir=tmp_path / "missing")
+  assert "no run directory" in res["skipped"]
