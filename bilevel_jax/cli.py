@@ -79,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (FingerprintMismatch, TooManyNonFinite) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  summary_path = workdir / "report" / "summary.json"
+  if until == "report" and summary_path.exists():
+    import json
+    from bilevel_jax import report as report_lib
+    print(report_lib.console_summary(json.loads(summary_path.read_text())))
   print(f"done: {workdir}" + (f" (report: {workdir / 'report' / 'index.html'})"
                               if until == "report" else ""))
   return 0

@@ -235,6 +235,12 @@ def run(cfg, until: str = "report", train: bool = True, methods=None) -> Path:
     trained[m] = out["trainable"]
     curves[m] = [tuple(x) for x in out["curve"]]
     evals[m] = {"n_train": out["n_train"]}
+    if m == "bds" and "bmo" in methods:
+      # Next to BMO: the harmful questions BDS alone trains on (with their original answers).
+      harmful = np.asarray([r.label == "harmful" for r in ctx.pool])
+      if harmful.any():
+        evals[m]["harmful_questions_in_training"] = float(
+            (np.asarray(sel["bds"]["keep"], bool) & harmful).sum() / harmful.sum())
   if stage >= 2:
     for m, params in trained.items():
       evals[m].update(_evaluate(ctx, m, params))

@@ -26,7 +26,12 @@ METRIC_NAMES = (("val_loss", "validation loss", "lower"),
                 ("refusal_rate_harmful", "refusal rate, held-out harmful prompts", "higher"),
                 ("over_refusal_benign", "over-refusal, benign prompts", "lower"),
                 ("gsm8k_exact_match", "GSM8K exact match", "higher"),
-                ("n_train", "training pairs", None))
+                ("n_train", "training pairs", None),
+                # BDS keeps a harmful pool question only with its original answer; BMO keeps it
+                # with regenerated answers (refine's last round).
+                ("harmful_questions_in_training", "share of harmful pool questions trained on", None),
+                ("refusal_rate_regenerated_harmful",
+                 "refusal rate of regenerated answers to harmful pool questions", "higher"))
 
 
 @dataclasses.dataclass
@@ -218,9 +223,9 @@ def margins(eval_metrics: dict[str, dict], primary: str) -> dict[str, dict[str, 
     if method == primary:
       continue
     out[method] = {}
-    for key, _, _ in METRIC_NAMES:
+    for key, _, better in METRIC_NAMES:
       a, b = _num(base.get(key)), _num(m.get(key))
-      if isinstance(a, (int, float)) and isinstance(b, (int, float)) and key != "n_train":
+      if isinstance(a, (int, float)) and isinstance(b, (int, float)) and better is not None:
         out[method][key] = float(a) - float(b)
   return out
 
@@ -240,6 +245,30 @@ def findings(data: ReportData, primary: str = "bds") -> list[str]:
     if parts:
       lines.append(f"{primary} minus {other}: " + "; ".join(parts) + ".")
   return lines
+
+
+def console_summary(summary: dict) -> str:
+  """The numbers of ``summary.json`` as plain-text tables for the console (no example text)."""
+  em, lines = summary.get("eval_metrics", {}), []
+  keys = [(k, lab) for k, lab, _ in METRIC_NAMES
+          if any(_num(m.get(k)) is not None for m in em.values())]
+  if keys:
+    lines.append("fine-tuned models: " + "; ".join(f"{lab} = {k}" for k, lab in keys))
+    width = max(len(m) for m in em)
+    lines.append(" " * width + " | " + " | ".join(k for k, _ in keys))
+    for m in sorted(em, key=lambda m: (m not in ("bds", "bmo"), m)):
+      lines.append(m.ljust(width) + " | " + " | ".join(
+          _fmt(em[m].get(k)).rjust(len(k)) for k, _ in keys))
+  quality = summary.get("selection_quality", {})
+  if quality:
+    lines.append("selection quality against the pool labels (AUROC, precision@k with k = #bad):")
+    for name, q in quality.items():
+      std = _num(q.get("auroc_std"))
+      lines.append(f"  {name:<14} AUROC {_fmt(q.get('auroc'))}"
+                   + (f" ± {_fmt(std)}" if std else "")
+                   + f"  precision@k {_fmt(q.get('precision_at_k'))}")
+  lines += summary.get("findings", [])
+  return "\n".join(lines)
 
 
 def _metrics_table(data: ReportData) -> str:

@@ -93,6 +93,31 @@ def test_findings_state_margins_for_every_baseline():
   assert lines[0].startswith("bds minus direct_mixing: validation loss -0.200")
 
 
+def test_console_summary_numbers_only(tmp_path):
+  data = _data()
+  data.eval_metrics["bmo"] = {"n_train": 16, "harmful_questions_in_training": 0.95,
+                              "refusal_rate_regenerated_harmful": 0.6}
+  data.eval_metrics["bds"]["harmful_questions_in_training"] = 0.125
+  out = R.write_report(data, tmp_path / "report").parent
+  summary = json.loads((out / "summary.json").read_text())
+  text = R.console_summary(summary)
+  lines = text.splitlines()
+  header = next(l for l in lines if l.lstrip().startswith("| val_loss") or "| val_loss" in l)
+  cols = [c.strip() for c in header.split("|")[1:]]
+  assert cols[:3] == ["val_loss", "refusal_rate_harmful", "over_refusal_benign"]
+  row = {l.split("|")[0].strip(): [c.strip() for c in l.split("|")[1:]] for l in lines
+         if "|" in l and l is not header}
+  assert row["bmo"][cols.index("harmful_questions_in_training")] == "0.950"
+  assert row["bmo"][cols.index("refusal_rate_regenerated_harmful")] == "0.600"
+  assert row["bds"][cols.index("harmful_questions_in_training")] == "0.125"
+  assert row["random_selection"][cols.index("refusal_rate_harmful")] == "–"  # NaN shown as missing
+  assert "  bds            AUROC 1.000  precision@k 1.000" in lines
+  assert any(l.startswith("bds minus direct_mixing") for l in lines)
+  assert HARMFUL_SECRET not in text
+  # A share of questions has no "better" direction: no margin is computed for it.
+  assert "harmful_questions_in_training" not in summary["margins"]["bmo"]
+
+
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(tmp_path):
   browser = shutil.which("chromium") or shutil.which("chromium-browser")
