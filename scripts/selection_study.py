@@ -424,6 +424,41 @@ def summarize(path: pathlib.Path, tags: list[str] | None = None) -> str:
   return "\n".join(lines)
 
 
+def read_rows(path: pathlib.Path, tags: list[str] | None = None) -> list[dict]:
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in rows if tags is None or r["tag"] in tags]
+
+
+def spread(values, digits: int = 3) -> str:
+  """``mean (min-max, n)`` over seeds: with 3 seeds the range says more than a std."""
+  v = np.asarray(values, np.float64)
+  if len(v) == 1:
+    return f"{v[0]:.{digits}f} (n=1)"
+  d = max(digits - 1, 0)
+  return f"{v.mean():.{digits}f} ({v.min():.{d}f}-{v.max():.{d}f}, n={len(v)})"
+
+
+def compact(path: pathlib.Path, tags: list[str] | None = None, field: str = "auroc") -> str:
+  """A Markdown table, one row per method and one column per pool: ``field`` over seeds.
+
+  The last column is the mean wall time (compilation included) per run, over every pool.
+  """
+  rows = read_rows(path, tags)
+  pools = list(dict.fromkeys(r["pool"] for r in rows))
+  methods = list(dict.fromkeys(m for m in BASELINES + ESTIMATORS if any(r["method"] == m
+                                                                        for r in rows)))
+  lines = ["| method | " + " | ".join(pools) + " | wall s (mean) |",
+           "|---|" + "---|" * len(pools) + "---|"]
+  for m in methods:
+    cells = []
+    for pool in pools:
+      vals = [r[field] for r in rows if r["method"] == m and r["pool"] == pool]
+      cells.append(spread(vals, 0 if field.endswith("_s") else 3) if vals else "not measured")
+    wall = np.mean([r["wall_s"] for r in rows if r["method"] == m])
+    lines.append(f"| {m} | " + " | ".join(cells) + f" | {wall:.0f} |")
+  return "\n".join(lines)
+
+
 def parse_value(v: str):
   try:
     return json.loads(v)
@@ -443,9 +478,14 @@ def main(argv=None):
   ap.add_argument("--cache", default="/tmp/bilevel_jax_study_cache",
                   help="directory for the frozen-prefix hidden states ('' to recompute)")
   ap.add_argument("--summarize", action="store_true", help="print the table of --out and exit")
+  ap.add_argument("--compact", default="",
+                  help="with --summarize: a method x pool table of this row field (auroc, "
+                       "precision, best_auroc) instead")
   a = ap.parse_args(argv)
   if a.summarize:
-    print(summarize(pathlib.Path(a.out), a.tag.split(",") if a.tag != "all" else None))
+    tags = a.tag.split(",") if a.tag != "all" else None
+    print(compact(pathlib.Path(a.out), tags, a.compact) if a.compact else
+          summarize(pathlib.Path(a.out), tags))
     return
   s = dict(DEFAULTS)
   for item in a.set:

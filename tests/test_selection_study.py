@@ -129,3 +129,17 @@ def test_prefix_cache_is_reused_and_checked_against_tokens(tmp_path, monkeypatch
   pa3, _ = study_mod.cached_prefix(m, data, tmp_path, key)
   assert calls == [1, 1]
   np.testing.assert_array_equal(pa3["prefix_hidden"], real(m, data.pool_arrays)["prefix_hidden"])
+
+
+def test_compact_table_is_method_by_pool(tmp_path):
+  out = tmp_path / "rows.jsonl"
+  rows = [{"tag": "a", "pool": p, "method": m, "seed": s, "auroc": a, "wall_s": 10.0 * s}
+          for p, m, s, a in [("x", "random", 0, 0.5), ("x", "likelihood_ratio", 0, 0.9),
+                             ("x", "likelihood_ratio", 1, 0.7), ("y", "random", 0, 0.4)]]
+  rows.append({**rows[0], "tag": "other", "auroc": 0.0})
+  out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  lines = study_mod.compact(out, ["a"]).splitlines()
+  assert lines[0] == "| method | x | y | wall s (mean) |"
+  assert lines[2] == "| random | 0.500 (n=1) | 0.400 (n=1) | 0 |"
+  assert lines[3] == "| likelihood_ratio | 0.800 (0.70-0.90, n=2) | not measured | 5 |"
+  assert len(lines) == 4  # the row of another tag is not counted
