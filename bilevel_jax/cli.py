@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from bilevel_jax.checkpoint import FingerprintMismatch
   from bilevel_jax.metrics import TooManyNonFinite
   until = {"select": "select", "finetune": "finetune", "evaluate": "evaluate", "run": "report",
-           "report": "report", "refine": "evaluate"}[command]
+           "report": "report", "refine": "report"}[command]
   methods = ("bds", "bmo") if command == "refine" else None
   try:
     workdir = experiment.run(cfg, until=until, train=command != "report", methods=methods)

@@ -126,7 +126,7 @@ def test_every_shipped_config_parses_through_the_cli_parser():
     assert command == "run" and spec == str(f) and overrides == ["seed=2"]
 
 
-def test_refine_runs_bds_then_bmo(cfg_file, tmp_path, monkeypatch):
+def test_refine_runs_bds_then_bmo(cfg_file, tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("BILEVEL_JAX_COMPILE_CACHE", "")
   wd = tmp_path / "bmo"
   assert cli.main(["refine", "--config", str(cfg_file), f"--config.workdir={wd}",
@@ -141,6 +141,18 @@ def test_refine_runs_bds_then_bmo(cfg_file, tmp_path, monkeypatch):
   assert np.isfinite(ev["val_loss"])
   gens = [json.loads(l) for l in (wd / "finetune_bmo" / "generations.jsonl").open()]
   assert len(gens) == 4 and all(len(g["texts"]) == 2 for g in gens)  # G = 2 responses each
+  # The report sets BMO next to BDS alone, and the console shows the same numbers.
+  summary = json.loads((wd / "report" / "summary.json").read_text())
+  assert set(summary["eval_metrics"]) == {"bds", "bmo"}
+  bmo = summary["eval_metrics"]["bmo"]
+  last = result["rounds"][-1]["harmful_questions_in_training"]
+  # The toy pool has no harmful label: the share is NaN (null in JSON), and BDS has no such row.
+  assert last is None or np.isnan(last)
+  assert bmo["harmful_questions_in_training"] is None
+  assert "harmful_questions_in_training" not in summary["eval_metrics"]["bds"]
+  assert np.isfinite(bmo["val_loss"]) and bmo["n_train"] == result["n_train"]
+  out = capsys.readouterr().out
+  assert any(l.startswith("bmo ") and "|" in l for l in out.splitlines())
 
 
 def test_plan_prints_a_memory_table(cfg_file, capsys):
