@@ -9,7 +9,9 @@ def get_config():
   c.name = "safety_bmo_online"
   c.run.methods = ("bds", "bmo", "direct_mixing", "random_selection")
   c.refine.choose = "lowest_weight"
-  c.refine.share = 0.25
+  # Half the `safety` pool is harmful (150 of 300): regenerating the lowest-weighted half lets the
+  # harmful questions stay (with regenerated answers) instead of being dropped.
+  c.refine.share = 0.5
   c.refine.responses_per_question = 2
   c.refine.period = 10
   c.refine.warmup = 10
