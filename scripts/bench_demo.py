@@ -11,7 +11,9 @@ the first record of each file is stamped when the phase's logger opens. This rea
   checkpoint saves and evaluation points), and the time before the first step (data set-up and
   compilation);
 * the whole run: from ``config.json`` (written when the run starts) to the newest file of
-  ``report/``.
+  ``report/``;
+* the selection's AUROC (good pairs above bad ones) from ``report/summary.json``, next to the wall
+  time of the selection phase that produced it (issue 8's "good selection in under 5 minutes").
 
 A resumed run has one event file per attempt; the stamps of all of them are merged, so a phase's
 wall time then includes the gap between the attempts (said in the table).
@@ -100,7 +102,12 @@ def run_timing(workdir: Path) -> dict:
   total = None
   if config.exists() and report_files:
     total = max(f.stat().st_mtime for f in report_files) - config.stat().st_mtime
-  return {"workdir": str(workdir), "phases": phases, "total_s": total,
+  quality = {}
+  summary = workdir / "report" / "summary.json"
+  if summary.exists():
+    quality = {k: v.get("auroc") for k, v in json.loads(summary.read_text()).get(
+        "selection_quality", {}).items() if isinstance(v, dict)}
+  return {"workdir": str(workdir), "phases": phases, "total_s": total, "auroc": quality,
           "started": (datetime.datetime.fromtimestamp(config.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
                       if config.exists() else None)}
 
@@ -125,9 +132,24 @@ def run(rounds: int | None = None, write_docs: bool = True, workdir: Path | str 
           flush=True)
   total = f"{res['total_s']:.0f} s" if res["total_s"] is not None else "unknown (no report yet)"
   print(f"[demo] whole run: {total}", flush=True)
+  for line in _selection_lines(res):
+    print(f"[demo] {line}", flush=True)
   if write_docs:
     bc.update_markdown_section("demo", render(res))
   return res
+
+
+def _selection_lines(res: dict) -> list[str]:
+  """AUROC of each selection method next to its selection phase's wall time."""
+  walls = {t["phase"].removeprefix("select_"): t["wall_s"] for t in res["phases"]
+           if t["phase"].startswith("select_") and t["done"]}
+  lines = []
+  for name, auc in res["auroc"].items():
+    if auc is None:
+      continue
+    wall = f", selection phase {walls[name]:.0f} s" if name in walls else " (cheap score, no phase)"
+    lines.append(f"selection `{name}`: AUROC {auc:.3f}{wall}")
+  return lines
 
 
 def render(res: dict) -> str:
@@ -149,7 +171,7 @@ shared, so these are wall times under whatever load there was.
 {table}
 
 - whole run (`config.json` -> newest file of `report/`): {total}
-
+{"".join(f"- {line}{chr(10)}" for line in _selection_lines(res))}
 Read on:
 {bc.machine_markdown(bc.machine_description())}
 """

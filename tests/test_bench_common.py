@@ -91,6 +91,17 @@ def test_demo_timings_from_event_stamps(tmp_path, monkeypatch):
   assert [p["phase"] for p in res["phases"]] == ["select_bds"]
   assert res["total_s"] is None  # no report yet
 
+  (tmp_path / "run" / "config.json").write_text("{}")
+  report = tmp_path / "run" / "report"
+  report.mkdir()
+  (report / "summary.json").write_text(json.dumps(
+      {"selection_quality": {"bds": {"auroc": 0.875}, "length": {"auroc": 0.5, "note": "x"}}}))
+  res = bench_demo.run_timing(tmp_path / "run")
+  assert res["total_s"] is not None
+  assert bench_demo._selection_lines(res) == [
+      "selection `bds`: AUROC 0.875, selection phase 25 s",
+      "selection `length`: AUROC 0.500 (cheap score, no phase)"]
+
 
 def test_demo_skips_without_run_directory(tmp_path):
   import bench_demo
