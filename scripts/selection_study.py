@@ -243,6 +243,24 @@ def quality(scores: np.ndarray, is_bad: np.ndarray) -> dict:
           "precision": float(np.mean(is_bad[lowest]))}
 
 
+def bad_kind(r) -> str:
+  """What makes a bad pair bad: its corruption kind (``quality``, ``math``) or its label."""
+  return str(r.meta.get("corruption", r.label))
+
+
+def by_kind(scores: np.ndarray, data: StudyData) -> dict[str, dict]:
+  """AUROC of every good pair against the bad pairs of one kind (which corruptions are found)."""
+  scores = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0)
+  kinds = np.asarray([bad_kind(r) if b else "" for r, b in zip(data.pool, data.is_bad)])
+  good = ~data.is_bad
+  out = {}
+  for k in sorted(set(kinds[data.is_bad])):
+    rows = good | (kinds == k)
+    out[k] = {"n": int((kinds == k).sum()),
+              "auroc": round(stats.auroc(scores[rows], good[rows].astype(int)), 4)}
+  return out
+
+
 def inner_optimizer(s: dict):
   return sft.sgd_or_adam(s["inner_opt"], s["inner_lr"])
 
@@ -329,6 +347,7 @@ def run_estimator(name: str, data: StudyData, m: StudyModel, s: dict, kw: dict, 
   for step, logits, el in zip(result.history_steps[1:], result.history[1:], times):
     curve.append([int(step), round(float(el), 2), round(quality(logits, data.is_bad)["auroc"], 4)])
   q = quality(result.logits, data.is_bad)
+  q["scores"] = np.asarray(result.logits)
   reach = next((c for c in curve if c[2] >= 0.9), None)
   step_times = np.diff([0.0] + times)
   last = result.metrics[-1] if result.metrics else {}
@@ -387,6 +406,11 @@ def study(pool_name: str, seeds, methods, s: dict, kw: dict, out: pathlib.Path, 
           res["separability"] = stats.separability(res["auroc"])
       else:
         res = run_estimator(method, data, m, s, kw, seed)
+        scores = res.pop("scores")
+      # Per-example scores stay in the row so later analyses need no rerun.
+      res["by_kind"] = by_kind(scores, data)
+      res["scores"] = [round(float(x), 5) for x in np.asarray(scores, np.float64)]
+      res["example_ids"] = [r.example_id for r in data.pool]
       row = {"key": row_key(pool_name, method, seed, s, kw), "tag": tag, "pool": pool_name,
              "method": method, "seed": seed, "settings": s, "kw": kw, "data": data.notes,
              "prep_s": round(prep_s, 1), "device": device, "load": os.getloadavg()[0], **res,

@@ -60,6 +60,9 @@ def test_every_method_writes_a_row_and_resumes(tmp_path):
     assert 0.0 <= r["auroc"] <= 1.0 and 0.0 <= r["precision"] <= 1.0, r
     assert r["data"] == {"n_built": 16, "max_len": 64, "n_fit": 16, "n_val_prompt_too_long": 0, "n": 16,
                          "n_bad": 8, "n_val": 8}
+    assert len(r["scores"]) == 16 and r["example_ids"][0] == "p000"
+    assert r["by_kind"]["harmful"]["n"] == 8  # the only bad kind: every bad pair
+    assert r["by_kind"]["harmful"]["auroc"] == round(r["auroc"], 4)
   by = {r["method"]: r for r in rows}
   # Both responses have 8 bytes: length (counted from the loss mask) carries no signal.
   assert by["length"]["auroc"] == 0.5 and by["length"]["separability"] == 0.5
@@ -143,3 +146,12 @@ def test_compact_table_is_method_by_pool(tmp_path):
   assert lines[2] == "| random | 0.500 (n=1) | 0.400 (n=1) | 0 |"
   assert lines[3] == "| likelihood_ratio | 0.800 (0.70-0.90, n=2) | not measured | 5 |"
   assert len(lines) == 4  # the row of another tag is not counted
+
+
+def test_by_kind_scores_each_corruption_against_all_good_pairs():
+  recs = [Record(f"p{i}", "q", "r", "syn", "good") for i in range(2)]
+  recs += [Record("b0", "q", "r", "syn", "low_quality", meta={"corruption": "swap"}),
+           Record("b1", "q", "r", "syn", "low_quality", meta={"corruption": "wrong_number"})]
+  data = study_mod.StudyData(recs, [], {}, {}, np.array([False, False, True, True]), {})
+  out = study_mod.by_kind(np.array([1.0, 0.5, 0.0, 0.7]), data)
+  assert out == {"swap": {"n": 1, "auroc": 1.0}, "wrong_number": {"n": 1, "auroc": 0.5}}
