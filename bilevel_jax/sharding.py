@@ -11,8 +11,12 @@ over ``data`` x ``fsdp``.
 Every param of :mod:`bilevel_jax.model.llama` and every LoRA factor has *logical* axis names
 (:data:`PARAM_LOGICAL_AXES`); rules map logical names to mesh axes (:data:`FSDP_RULES`, the
 default). A dimension that a mesh axis does not divide is sharded over the longest prefix of its
-mesh axes that does divide it, or replicated (e.g. the tiny test vocabulary of 97, SmolLM2's 3 KV
-heads over 2 tensor devices), so any model runs on any mesh.
+mesh axes that does divide it, or replicated (e.g. the tiny test vocabulary of 97, or the KV cache's
+3 KV heads of SmolLM2 over 2 tensor devices), so any model runs on any mesh. Projection weights
+hold their heads flattened (``n_heads * head_dim`` columns), so the divisibility test sees that
+flattened size: SmolLM2's ``wk`` (192 = 3 x 64 columns) IS split over 2 tensor devices, 96 columns
+each, cutting a head in half. That is still exact, but XLA then reshards around attention; pick a
+``tensor`` size that divides the number of KV heads.
 
 The mesh axes are ``AxisType.Auto``: with JAX's new default (Explicit axes) the model's embedding
 gather raises ``ShardingTypeError`` (DESIGN.md section 7), and Auto lets XLA's partitioner place
