@@ -151,6 +151,13 @@ class MemoryPlan:
     return None if self.capacity is None else self.total <= self.capacity
 
 
+def first_local_device(mesh) -> jax.Device:
+  """The first device of ``mesh`` that this process owns (the mesh's first device belongs to
+  process 0; on other hosts it is not addressable and its memory cannot be queried)."""
+  me = jax.process_index()
+  return next((d for d in mesh.devices.flat if d.process_index == me), mesh.devices.flat[0])
+
+
 def device_capacity(device: jax.Device | None = None) -> int | None:
   """Bytes of memory of ``device`` (GPU/TPU), or None where the runtime does not say (CPU)."""
   device = device or jax.devices()[0]
@@ -172,7 +179,7 @@ def memory_plan(fn: ShardedFunction, *args, name: str | None = None) -> MemoryPl
                     outputs=int(stats.output_size_in_bytes), temps=int(stats.temp_size_in_bytes),
                     code=int(stats.generated_code_size_in_bytes),
                     aliased=int(stats.alias_size_in_bytes),
-                    capacity=device_capacity(fn.mesh.devices.flat[0]))
+                    capacity=device_capacity(first_local_device(fn.mesh)))
 
 
 def _gib(n: int | None) -> str:

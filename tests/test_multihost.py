@@ -87,6 +87,8 @@ def worker(process_id: int, port: int, workdir: str) -> None:
   assert jax.device_count() == 4 and jax.local_device_count() == 2
   problem, est, logit_opt, init, batches, key, _ = build()
   layout = sharding.make_layout((2, 2, 1), weights="data")
+  # The mesh's first device is process 0's; memory queries (the plan's capacity) need a local one.
+  assert parallel.first_local_device(layout.mesh).process_index == process_id
   abstract_state = jax.eval_shape(init, key)
   example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batches(0))
   step = parallel.sharded_outer_step(problem, est, logit_opt, layout, abstract_state, {}, example)
