@@ -26,12 +26,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,16 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def checkpoint_path(directory: str | os.PathLike) -> epath.Path:
+  """``directory`` as an ``etils.epath.Path`` (what orbax takes), URLs kept intact.
+
+  ``pathlib.Path("gs://bucket/run")`` collapses the double slash into ``gs:/bucket/run``, a local
+  directory named ``gs:``; ``epath`` keeps the scheme. Local paths are made absolute, as before.
+  """
+  text = os.fspath(directory)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 class Checkpointer:
   """Saves and restores run checkpoints in ``directory`` (one subdirectory per step).
 
@@ -134,11 +146,11 @@ class Checkpointer:
     async_save: write in a background thread (orbax async checkpointing).
   """
 
-  def __init__(self, directory: str | Path, *, fingerprint: str, config: dict | None = None,
+  def __init__(self, directory: str | os.PathLike, *, fingerprint: str, config: dict | None = None,
                max_to_keep: int = 3, async_save: bool = True):
     if max_to_keep < 2:
       raise ValueError(f"max_to_keep must be >= 2 (fallback needs a predecessor), got {max_to_keep}")
-    self.directory = Path(directory).absolute()
+    self.directory = checkpoint_path(directory)
     self.fingerprint = fingerprint
     self.config = config or {}
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,

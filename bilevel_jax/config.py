@@ -139,7 +139,9 @@ def base_config() -> ConfigDict:
   c.metrics.progress_interval = 30.0
 
   c.mesh = ConfigDict()
-  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 fills with the remaining devices.
+  # (data, fsdp, tensor); -1 fills with the remaining devices. FSDP by default: params, gradients
+  # and optimizer state split over every device, batch rows too (sharding.FSDP_RULES).
+  c.mesh.shape = (1, -1, 1)
   c.mesh.distributed = False  # Call jax.distributed.initialize() (multi-host).
   c.mesh.rules = "fsdp"  # Logical-axis rules (bilevel_jax.sharding): fsdp or dp (replicated params).
   c.mesh.weights = "replicated"  # Weight logits: replicated, or split over the data axis.
@@ -319,13 +321,27 @@ def from_json(text_or_dict: str | dict) -> ConfigDict:
 
 
 def save_json(cfg: ConfigDict, path: str | Path) -> None:
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+  path = _path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def _path(path: str | Path) -> Path:
+  """``pathlib.Path`` for local paths; ``etils.epath.Path`` for URLs (keeps ``gs://``)."""
+  if "://" in str(path):
+    from etils import epath
+    return epath.Path(str(path))
+  return Path(path)
 
 
 def workdir(cfg: ConfigDict) -> Path:
-  """The run's output directory."""
-  return Path(cfg.workdir) if cfg.workdir else Path("runs") / cfg.name
+  """The run's output directory.
+
+  A URL (``gs://bucket/run``) comes back as an ``etils.epath.Path``, which keeps the scheme
+  (``pathlib.Path`` would turn it into the local path ``gs:/bucket/run``); local paths stay
+  ``pathlib.Path``.
+  """
+  return _path(cfg.workdir) if cfg.workdir else Path("runs") / cfg.name
 
 
 def smollm2_base(pool: str = "safety_matched") -> ConfigDict:

@@ -109,6 +109,66 @@ def global_batch(local: Any, shardings: Any, global_rows: int, row_axis: int = 0
   return jax.tree.map(one, local, shardings)
 
 
+def batch_row_axis(sharding: jax.sharding.Sharding) -> int:
+  """The axis a batch leaf is split on (its only non-``None`` spec entry); 0 when replicated."""
+  spec = getattr(sharding, "spec", ())
+  return next((i for i, s in enumerate(spec) if s is not None), 0)
+
+
+def put_rows(host: Any, shardings: Any) -> Any:
+  """Global batch arrays from full host batches: each process keeps only its own rows.
+
+  Every process holds the whole (small, tokenized) batch on the host; this slices the rows
+  :func:`local_rows` names for its devices and assembles the global arrays with
+  :func:`global_batch`, so no process copies rows that live on another host's devices. Leaves whose
+  rows are replicated (a batch that ``data x fsdp`` does not divide) take every row.
+  """
+
+  def one(x, s):
+    x = np.asarray(x)
+    axis = batch_row_axis(s)
+    rows = local_rows(s, x.shape[axis], axis)
+    return global_batch(np.take(x, rows, axis=axis), s, x.shape[axis], axis)
+
+  return jax.tree.map(one, host, shardings)
+
+
+def put(tree: Any, shardings: Any) -> Any:
+  """Global arrays with ``shardings`` from values every process holds in full (params, keys).
+
+  Each process fills only the shards its own devices hold (``jax.make_array_from_callback``), so it
+  works the same with one process or many. Arrays already carrying the target sharding are passed
+  through; PRNG key arrays are moved as their raw key data and wrapped again.
+  """
+
+  def one(x, s):
+    if isinstance(x, jax.Array) and x.sharding == s:
+      return x
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = one(jax.random.key_data(x), s)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+  return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of a pytree of (possibly multi-host) arrays, the same on every process.
+
+  Arrays this process can read whole are copied; arrays spread over several hosts are all-gathered
+  (a collective: every process must call this at the same point).
+  """
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
+
+
 def grain_shard_options(drop_remainder: bool = True):
   """grain's per-process split of a data source: process ``i`` of ``n`` reads shard ``i``."""
   import grain
@@ -119,6 +179,21 @@ def grain_shard_options(drop_remainder: bool = True):
 
 
 # ----------------------------------------------------------------------------- preemption
+
+
+class Preempted(SystemExit):
+  """Raised after the agreed preemption checkpoint is written; exits with 128 + SIGTERM (143).
+
+  A ``SystemExit`` so that the command line ends with the conventional status of a SIGTERM-ed
+  process and no traceback; the next run with the same config resumes from the checkpoint.
+  """
+
+  def __init__(self, message: str):
+    super().__init__(128 + signal.SIGTERM)
+    self.message = message
+
+  def __str__(self) -> str:
+    return self.message
 
 
 class PreemptionGuard:
@@ -152,6 +227,11 @@ class PreemptionGuard:
     self._flag.set()
 
   def __enter__(self) -> "PreemptionGuard":
+    # Python installs signal handlers from the main thread only; elsewhere (a loop driven from a
+    # worker thread) the guard stays passive and the process keeps its default SIGTERM behaviour.
+    if threading.current_thread() is not threading.main_thread():
+      log.warning("PreemptionGuard: not on the main thread; SIGTERM is not caught")
+      return self
     for s in self.signals:
       self._previous[s] = signal.signal(s, self._handler)
     return self

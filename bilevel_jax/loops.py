@@ -15,12 +15,24 @@ grain iterator state, the loop step) every ``checkpoint.every`` steps and at its
 unfinished one from its latest complete checkpoint, so a killed run ends bit-identical to one that
 never stopped (``tests/test_resume.py``). Randomness: step ``t`` of a phase uses
 ``fold_in(key(seed), t)``; the data order is a seeded grain shuffle whose state is checkpointed.
+
+Devices: when ``config.mesh.shape`` spans more than one device (or ``mesh.distributed`` is set),
+:func:`prepare` builds the mesh once (``parallel.run_layout``) and the select and fine-tune phases
+run their steps ``jax.jit``-ed with explicit shardings on it: params and optimizer state by the
+logical rules (FSDP by default), the weight logits per ``mesh.weights``, batch rows over
+``data`` x ``fsdp`` (each process feeds its own rows, ``distributed.put_rows``). Their checkpoints
+then hold global arrays, which restore on any mesh. What a phase returns (logits, trained params)
+is copied back to one device, so evaluation, BMO refinement and the report run unsharded, on every
+process alike. A mesh of one device runs exactly the single-device programs. SIGTERM (a preemption
+notice) makes every process stop at one agreed step, write a checkpoint there and exit with status
+143 (:class:`~bilevel_jax.distributed.Preempted`); the same command resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -34,7 +46,10 @@ import optax
 
 from bilevel_jax import checkpoint as ckpt_lib
 from bilevel_jax import config as config_lib
+from bilevel_jax import distributed
 from bilevel_jax import metrics as metrics_lib
+from bilevel_jax import parallel
+from bilevel_jax import sharding as sharding_lib
 from bilevel_jax.core import hypergrad, sft
 from bilevel_jax.core import select as select_lib
 from bilevel_jax.core import weights as wts
@@ -43,6 +58,7 @@ from bilevel_jax.model import llama
 from bilevel_jax.model import lora as lora_lib
 
 Params = Any
+log = logging.getLogger(__name__)
 # Test hook: seconds to sleep after every step, so a test can kill a tiny run at random points.
 _STEP_DELAY = float(os.environ.get("BILEVEL_JAX_DEBUG_STEP_DELAY", "0") or 0)
 _NUMERIC = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "index", "weight",
@@ -72,6 +88,8 @@ class Context:
   loss_fn: Callable
   data_summary: dict
   is_chief: bool = True
+  # The mesh and rules the phases train on; None: one device, the plain jitted steps.
+  layout: Any = None
   # Jitted steps shared by the phases of one run (same shapes: compiled once, not per method).
   compiled: dict = dataclasses.field(default_factory=dict)
 
@@ -172,6 +190,11 @@ def prepare(cfg) -> Context:
   """Loads the model and data of ``cfg``, tokenizes, and writes config.json and data_summary.json."""
   workdir = config_lib.workdir(cfg)
   is_chief = jax.process_index() == 0
+  layout = parallel.run_layout(cfg)  # The one place a run builds its mesh.
+  if layout is not None and is_chief:
+    log.info("mesh %s over %d %s devices (%d processes), rules %s, weight logits %s",
+             dict(layout.mesh.shape), layout.mesh.devices.size, jax.devices()[0].platform,
+             jax.process_count(), cfg.mesh.rules, cfg.mesh.weights)
   mcfg, params, tok = build_model(cfg)
   t = cfg.model.trainable
   spec = lora_lib.TrainableSpec(kind=t.kind, n_layers=t.n_layers, lora_rank=t.lora_rank,
@@ -197,7 +220,19 @@ def prepare(cfg) -> Context:
     (workdir / "data_summary.json").write_text(json.dumps(summary, indent=1, default=str))
   loss_fn = sft.make_loss_fn(lora_lib.make_logits_fn(spec, mcfg))
   return Context(cfg, workdir, mcfg, spec, tok, trainable, frozen, pool, val, test, pool_arrays,
-                 val_arrays, fingerprint, loss_fn, summary, is_chief)
+                 val_arrays, fingerprint, loss_fn, summary, is_chief, layout=layout)
+
+
+def mesh_frozen(ctx: Context) -> Params:
+  """The frozen params placed on the run's mesh (once per run; never donated)."""
+  if "frozen@mesh" not in ctx.compiled:
+    ctx.compiled["frozen@mesh"] = distributed.put(ctx.frozen, ctx.layout.params(ctx.frozen))
+  return ctx.compiled["frozen@mesh"]
+
+
+def to_local(tree: Any) -> Any:
+  """Single-device copies of (possibly multi-host) mesh arrays, equal on every process."""
+  return jax.tree.map(jnp.asarray, distributed.to_host(tree))
 
 
 # ----------------------------------------------------------------------------- batches
@@ -230,9 +265,14 @@ def row_stream(n: int, batch_size: int, seed: int):
 # ----------------------------------------------------------------------------- the guarded loop
 
 
-def guarded_step(step_fn: Callable) -> Callable:
+def guarded_step(step_fn: Callable, layout: Any = None, in_shardings: Any = None,
+                 state_shardings: Any = None) -> Callable:
   """Jits ``step_fn(state, *args) -> (state, metrics)`` with the state donated, and skips the update
-  (keeps the old state) when a metric is NaN or Inf; adds a ``finite`` metric."""
+  (keeps the old state) when a metric is NaN or Inf; adds a ``finite`` metric.
+
+  With a ``layout`` the step is jitted on its mesh with explicit ``in_shardings`` (state first) and
+  out shardings ``(state_shardings, replicated metrics)``.
+  """
 
   def guarded(state, *args):
     new, metrics = step_fn(state, *args)
@@ -242,7 +282,10 @@ def guarded_step(step_fn: Callable) -> Callable:
     new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
     return new, {**metrics, "finite": ok}
 
-  return jax.jit(guarded, donate_argnums=(0,))
+  if layout is None:
+    return jax.jit(guarded, donate_argnums=(0,))
+  return sharding_lib.shard_jit(guarded, layout.mesh, in_shardings,
+                                (state_shardings, layout.replicated()), donate_argnums=(0,))
 
 
 def _host(metrics: dict) -> dict:
@@ -253,7 +296,8 @@ def _host(metrics: dict) -> dict:
 def run_phase(ctx: Context, phase: str, *, init_state: Any, step: Callable, num_steps: int,
               n_rows: int, batch_size: int, make_args: Callable[[np.ndarray, int], tuple],
               on_log: Callable[[int, Any, dict], dict] | None = None,
-              extra_init: dict | None = None, draws: int = 1) -> tuple[Any, dict]:
+              extra_init: dict | None = None, draws: int = 1,
+              shardings: tuple | None = None) -> tuple[Any, dict]:
   """Runs ``num_steps`` guarded steps with checkpoints, metrics and resume.
 
   Args:
@@ -268,8 +312,14 @@ def run_phase(ctx: Context, phase: str, *, init_state: Any, step: Callable, num_
     on_log: ``on_log(t, state, metrics) -> more metrics`` after each step (e.g. a validation loss).
     extra_init: JSON bookkeeping carried through checkpoints (updated in place by ``on_log``).
     draws: batches taken from the stream per step.
+    shardings: required when ``ctx.layout`` is set: ``(state_shardings, arg_shardings,
+      batch_args)``, the shardings of the state and of each of ``make_args``'s values, and the
+      positions of the batch arguments (their rows are fed per process; the others are values
+      every process holds whole, or arrays already on the mesh).
   Returns:
-    The final state and the bookkeeping dict.
+    The final state (on the mesh when there is one) and the bookkeeping dict.
+  Raises:
+    distributed.Preempted: after a SIGTERM, once the checkpoint of the agreed step is written.
   """
   cfg = ctx.cfg
   pdir = ctx.workdir / phase
@@ -279,38 +329,65 @@ def run_phase(ctx: Context, phase: str, *, init_state: Any, step: Callable, num_
                                        async_save=cfg.checkpoint.async_save)
   stream = row_stream(n_rows, batch_size, cfg.seed + cfg.data.shuffle_seed)
   extra = dict(extra_init or {}, nonfinite=0)
-  restored = checkpointer.restore_latest(init_state)
+  layout = ctx.layout
+  if layout is not None:
+    state_sh, arg_sh, batch_args = shardings
+    template = sharding_lib.abstract(init_state, state_sh)  # Restores straight onto the mesh.
+  else:
+    template = init_state
+  restored = checkpointer.restore_latest(template)
   start, state = 0, init_state
   if restored is not None:
     start, state, extra = restored.step, restored.state, restored.extra
     stream.set_state(restored.data_state)
-  else:
+  elif layout is None:
     state = jax.tree.map(jnp.copy, init_state)  # The step donates its state; keep the caller's.
+  else:
+    state = distributed.put(init_state, state_sh)  # A sharded copy; the caller's stays.
   guard = metrics_lib.NonFiniteGuard(cfg.metrics.max_nonfinite, phase, extra.get("nonfinite", 0))
   key = ("step", phase.split("_")[0], getattr(step, "cache_key", id(step)))
   if key not in ctx.compiled:
-    ctx.compiled[key] = guarded_step(step)
+    ctx.compiled[key] = (guarded_step(step) if layout is None else guarded_step(
+        step, layout, (state_sh, *arg_sh), state_sh))
   jstep = ctx.compiled[key]
+
+  def args_of(rows, t):
+    args = make_args(rows, t)
+    if layout is None:
+      return args
+    return tuple(distributed.put_rows(a, s) if i in batch_args else distributed.put(a, s)
+                 for i, (a, s) in enumerate(zip(args, arg_sh)))
+
   bar = metrics_lib.progress(num_steps, phase, initial=start, interval=cfg.metrics.progress_interval,
                              enabled=ctx.is_chief)
   try:
     with metrics_lib.MetricsLogger(pdir, resume_step=start if restored else None,
-                                   enabled=ctx.is_chief, tensorboard=cfg.metrics.tensorboard) as log:
+                                   enabled=ctx.is_chief, tensorboard=cfg.metrics.tensorboard) as mlog, \
+        distributed.PreemptionGuard() as preempt:
       for t in range(start, num_steps):
         rows = [np.asarray(next(stream)) for _ in range(draws)]
-        state, m = jstep(state, *make_args(rows, t))
+        state, m = jstep(state, *args_of(rows, t))
         m = _host(m)
         guard.update(t + 1, bool(m.pop("finite")))
         extra["nonfinite"] = guard.count
         if on_log is not None:
           m.update(on_log(t + 1, state, extra) or {})
-        log.log(t + 1, m)
+        mlog.log(t + 1, m)
         bar.update(1)
         if _STEP_DELAY:
           time.sleep(_STEP_DELAY)
+        saved = False
         if (t + 1) % cfg.checkpoint.every == 0 or t + 1 == num_steps:
-          checkpointer.save(t + 1, state, data_state=stream.get_state(), extra=extra,
-                            force=t + 1 == num_steps)
+          saved = checkpointer.save(t + 1, state, data_state=stream.get_state(), extra=extra,
+                                    force=t + 1 == num_steps)
+        # Every process asks at every step (a collective with several processes), so all of them
+        # stop after the same step and write its checkpoint together.
+        if preempt.should_stop(t + 1):
+          if not saved:
+            checkpointer.save(t + 1, state, data_state=stream.get_state(), extra=extra, force=True)
+          raise distributed.Preempted(
+              f"{phase}: SIGTERM; stopped after step {t + 1} of {num_steps} and checkpointed it. "
+              "Run the same command again to resume.")
   finally:  # Also on an error: finish the saves already started.
     bar.close()
     checkpointer.close()
@@ -393,18 +470,31 @@ def run_select(ctx: Context, method: str = "bds", estimator: str | None = None,
 
   step.cache_key = ("select", name, json.dumps(kwargs, sort_keys=True))
 
+  layout, shardings = ctx.layout, None
+  if layout is not None:
+    frozen = mesh_frozen(ctx)
+    example = select_lib.stack_batches([device_batch(ctx.pool_arrays, np.zeros(bsz, int))]
+                                       * est.train_batches)
+    rep = layout.replicated()
+    shardings = ({"sel": parallel.select_state_shardings(layout, init["sel"]), "history": rep},
+                 (layout.params(ctx.frozen),
+                  {"train": parallel.fitting_batch(layout, example, row_axis=1),
+                   "val": parallel.fitting_batch(layout, val_batches[0])}, rep, rep), {1})
+
   def make_args(rows, t):
     train = select_lib.stack_batches([device_batch(ctx.pool_arrays, r) for r in rows])
     return frozen, {"train": train, "val": val_batches[t % len(val_batches)]}, \
         jax.random.fold_in(root, t), jnp.int32(t)
 
   state, _ = run_phase(ctx, phase, init_state=init, step=step, num_steps=steps, n_rows=n,
-                       batch_size=bsz, make_args=make_args, draws=est.train_batches)
-  logits = np.asarray(state["sel"].logits)
+                       batch_size=bsz, make_args=make_args, draws=est.train_batches,
+                       shardings=shardings)
+  # Host copies (all-gathered when the logits are spread over several hosts).
+  logits, history = distributed.to_host((state["sel"].logits, state["history"]))
   p = np.asarray(problem.weights(jnp.asarray(logits)))
   sel = wts.select_examples(p, cfg.select.rule, fraction=cfg.select.keep_fraction)
   out = {"logits": logits, "weights": p, "keep": sel.keep, "train_weights": sel.train_weights,
-         "history": np.asarray(state["history"]), "history_steps": np.arange(hist_rows)}
+         "history": history, "history_steps": np.arange(hist_rows)}
   _write_result(ctx, pdir, {"estimator": name, "kwargs": kwargs, "steps": steps,
                             "kept": int(sel.keep.sum()), "n": n}, out)
   return out
@@ -439,15 +529,33 @@ def run_finetune(ctx: Context, method: str, arrays: dict) -> dict:
                         weight_decay=cfg.finetune.weight_decay)
   init = {"params": ctx.trainable, "opt_state": opt.init(ctx.trainable)}
   val_batches = fixed_batches(ctx.val_arrays, cfg.data.val_batch_size)
-  if "val_loss" not in ctx.compiled:
-    ctx.compiled["val_loss"] = jax.jit(ctx.loss_fn)
-  val_loss = ctx.compiled["val_loss"]
+  layout, shardings, frozen = ctx.layout, None, ctx.frozen
+  if layout is None:
+    if "val_loss" not in ctx.compiled:
+      ctx.compiled["val_loss"] = jax.jit(ctx.loss_fn)
+  else:
+    frozen = mesh_frozen(ctx)
+    p_sh, f_sh = layout.params(ctx.trainable), layout.params(ctx.frozen)
+    state_sh = {"params": p_sh, "opt_state": layout.opt_state(init["opt_state"], ctx.trainable,
+                                                              p_sh)}
+    example = device_batch(arrays, np.zeros(cfg.finetune.batch_size, int))
+    shardings = (state_sh, (f_sh, parallel.fitting_batch(layout, example)), {1})
+    vb_sh = parallel.fitting_batch(layout, val_batches[0])
+    if "val_loss@mesh" not in ctx.compiled:  # Per-example losses, replicated: readable anywhere.
+      ctx.compiled["val_loss@mesh"] = sharding_lib.shard_jit(
+          ctx.loss_fn, layout.mesh, (p_sh, f_sh, vb_sh), layout.replicated())
 
   def mean_val(params) -> float:
+    if layout is not None:
+      params = distributed.put(params, p_sh)
     tot, cnt = 0.0, 0.0
     for b in val_batches:
       valid = np.asarray(b["index"]) >= 0
-      tot += float(np.asarray(val_loss(params, ctx.frozen, b))[valid].sum())
+      if layout is None:
+        losses = ctx.compiled["val_loss"](params, ctx.frozen, b)
+      else:
+        losses = ctx.compiled["val_loss@mesh"](params, frozen, distributed.put_rows(b, vb_sh))
+      tot += float(np.asarray(losses)[valid].sum())
       cnt += valid.sum()
     return tot / max(cnt, 1)
 
@@ -468,18 +576,21 @@ def run_finetune(ctx: Context, method: str, arrays: dict) -> dict:
 
   done = _done(ctx, ctx.workdir / phase)
   if done is not None:  # Finished: read the trained params from its final checkpoint.
+    template = init if layout is None else sharding_lib.abstract(init, shardings[0])
     with ckpt_lib.Checkpointer(ctx.workdir / phase / "ckpt", fingerprint=ctx.fingerprint) as c:
-      restored = c.restore_latest(init)
+      restored = c.restore_latest(template)
     if restored is None or restored.step != cfg.finetune.steps:
       raise ckpt_lib.NoUsableCheckpoint(f"{ctx.workdir / phase}: finished, but its final "
                                         "checkpoint is missing; delete result.json to redo it")
-    return {**done, "trainable": restored.state["params"]}
+    params = restored.state["params"]
+    return {**done, "trainable": params if layout is None else to_local(params)}
   init_curve = [[0, mean_val(ctx.trainable)]]
   state, extra = run_phase(ctx, phase, init_state=init, step=step, num_steps=cfg.finetune.steps,
                            n_rows=len(arrays["weight"]), batch_size=cfg.finetune.batch_size,
-                           make_args=lambda rows, t: (ctx.frozen, device_batch(arrays, rows[0])),
-                           on_log=on_log, extra_init={"curve": init_curve})
+                           make_args=lambda rows, t: (frozen, device_batch(arrays, rows[0])),
+                           on_log=on_log, extra_init={"curve": init_curve}, shardings=shardings)
   result = {"curve": extra.get("curve", []), "n_train": int(len(arrays["weight"])),
             "nonfinite": extra.get("nonfinite", 0)}
   _write_result(ctx, ctx.workdir / phase, result, {})
-  return {**result, "trainable": state["params"]}
+  params = state["params"]
+  return {**result, "trainable": params if layout is None else to_local(params)}

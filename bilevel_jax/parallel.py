@@ -9,6 +9,10 @@ Each builder takes a :class:`~bilevel_jax.sharding.Layout` and example trees (ar
   ``core.hypergrad`` (``core.select.make_outer_step``).
 * :func:`sharded_sampler`: the sampler's prefill + decode loop for one padded batch.
 
+The CLI's training loops (``bilevel_jax.loops``) ask :func:`run_layout` for the run's layout and
+place their state with the same shardings (:func:`select_state_shardings`, ``Layout.params`` /
+``Layout.opt_state``, :func:`fitting_batch`).
+
 :func:`memory_plan` lowers and compiles a step on abstract arguments (no device memory is used) and
 reads ``compiled.memory_analysis()``, which reports the bytes of ONE device's program: with SPMD
 every device runs the same partitioned program, so the numbers are per device.
@@ -33,6 +37,25 @@ Params = Any
 
 
 # ----------------------------------------------------------------------------- sharded steps
+
+
+def fitting_batch(layout: Layout, tree: Any, row_axis: int = 0) -> Any:
+  """Batch shardings like ``Layout.batch``, for any row count.
+
+  Rows are split over ``data`` x ``fsdp`` when that divides them, else over the longest prefix of
+  those axes that does, else replicated (every device then computes the whole batch: correct, but
+  without the data-parallel speed-up; ``Layout.batch`` raises instead). The CLI uses this so a
+  config written for one device (say batch 4) still runs on 8.
+  """
+  from bilevel_jax import sharding
+
+  def one(x):
+    shape = tuple(x.shape)
+    logical = [None] * len(shape)
+    logical[row_axis] = "batch"
+    return layout.sharding(sharding.logical_to_spec(logical, shape, layout.mesh, layout.rules))
+
+  return jax.tree.map(one, tree)
 
 
 def sharded_inner_step(loss_fn, optimizer, layout: Layout, trainable: Params, frozen: Params,
@@ -300,6 +323,25 @@ def layout_from_config(cfg) -> Layout:
   mesh = cfg.mesh
   return sharding.make_layout(tuple(mesh.shape), rules=mesh.get("rules", "fsdp"),
                               weights=mesh.get("weights", "replicated"))
+
+
+def run_layout(cfg) -> Layout | None:
+  """The layout a run of ``cfg`` trains on, or None for the plain single-device path.
+
+  A mesh is used when ``cfg.mesh.shape`` resolves to more than one device or ``mesh.distributed``
+  is set. ``(1, 1, 1)`` (or a ``-1`` shape on a one-device machine) keeps the plain single-device
+  programs, bit for bit, on the default device even when more devices are present.
+
+  Raises:
+    ValueError: when a shape of more than one device does not match the devices present.
+  """
+  from bilevel_jax import sharding
+  shape = tuple(int(s) for s in cfg.mesh.shape)
+  sizes = (sharding.resolve_mesh_shape(sharding._mesh_shape_from(shape), jax.device_count())
+           if -1 in shape else shape)
+  if math.prod(sizes) == 1 and not cfg.mesh.distributed:
+    return None
+  return layout_from_config(cfg)
 
 
 def plan_from_config(cfg, print_fn: Callable[[str], None] | None = print) -> list[MemoryPlan]:

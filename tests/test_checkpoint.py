@@ -134,3 +134,39 @@ def test_json_safe_round_trip_and_fingerprint_stability():
 def test_max_to_keep_below_two_is_rejected(tmp_path):
   with pytest.raises(ValueError, match="max_to_keep"):
     ckpt.Checkpointer(tmp_path, fingerprint="x", max_to_keep=1)
+
+
+def test_gs_url_reaches_orbax_intact(monkeypatch):
+  """``gs://bucket/x`` stays a URL all the way into orbax (``pathlib`` made it ``gs:/bucket/x``).
+
+  No network: orbax's manager is replaced by a stub that records the directory it is given.
+  """
+  from bilevel_jax import config as C
+
+  seen = {}
+
+  class StubManager:
+    def __init__(self, directory, *args, **kwargs):
+      seen["directory"] = directory
+
+    def wait_until_finished(self):
+      pass
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(ckpt.ocp, "CheckpointManager", StubManager)
+  cfg = C.base_config()
+  cfg.workdir = "gs://bucket/x"
+  workdir = C.workdir(cfg)
+  assert str(workdir) == "gs://bucket/x"
+  with ckpt.Checkpointer(workdir / "select_bds" / "ckpt", fingerprint="sha256:aa") as c:
+    assert str(c.directory) == "gs://bucket/x/select_bds/ckpt"
+  assert str(seen["directory"]) == "gs://bucket/x/select_bds/ckpt"
+  with ckpt.Checkpointer("gs://bucket/x/ckpt", fingerprint="sha256:aa"):  # a plain string too
+    assert str(seen["directory"]) == "gs://bucket/x/ckpt"
+  # Local paths are still made absolute.
+  ckpt.Checkpointer("rel/ckpt", fingerprint="sha256:aa")
+  assert str(seen["directory"]) == str(Path("rel/ckpt").absolute())
+  cfg.workdir = ""
+  assert C.workdir(cfg) == Path("runs") / cfg.name

@@ -9,6 +9,11 @@ flag, both workers stop at that same step and write one checkpoint together. Thi
 (8 devices, one process) then computes the same three steps on one device, and restores the
 checkpoint onto a (2, 2, 2) mesh: a different process count, device count and mesh.
 
+The second test does the same through the command line: both workers run ``bilevel-jax select``
+with ``mesh.distributed`` on a (2, 2, 1) mesh (``loops`` builds it, feeds each process its rows and
+writes global-array checkpoints); the result equals a one-device run, and this single process then
+restores the checkpoint the two wrote.
+
 Tolerance: as in test_sharding.py (rounding of reordered f32 sums, ``EST_RTOL``).
 """
 
@@ -203,9 +208,121 @@ def test_two_processes_match_one_and_checkpoint_restores_on_another_mesh(tmp_pat
   assert int(state.step) == STOP_AFTER
 
 
+# ----------------------------------------------------------------------------- the CLI path
+
+CLI_CONFIG = '''
+from bilevel_jax.config import base_config
+def get_config():
+  c = base_config()
+  c.name = "multihost_cli"
+  c.data.pool = "toy"
+  c.data.pool_size = 16
+  c.data.max_len = 32
+  c.data.batch_size = 8
+  c.data.val_batch_size = 8
+  c.model.tiny_d_model = 16
+  c.model.tiny_n_layers = 1
+  c.select.estimator = "penalty"
+  c.select.steps = 3
+  c.select.logits_optimizer = "sgd"
+  c.select.logits_lr = 1.0
+  c.checkpoint.every = 2
+  c.metrics.tensorboard = False
+  c.run.methods = ("bds",)
+  return c
+'''
+
+
+def cli_worker(process_id: int, port: int, cfg_file: str, workdir: str) -> None:
+  """``bilevel-jax select`` as one of 2 processes x 2 CPU devices (mesh data=2 x fsdp=2)."""
+  import jax
+  jax.config.update("jax_num_cpu_devices", 2)
+  from bilevel_jax import cli, distributed, loops
+
+  fed = []  # per step: the rows of the global train batch this process fed
+  real = distributed.put_rows
+
+  def spy(host, shardings):
+    out = real(host, shardings)
+    leaf = jax.tree.leaves(out["train"])[0]
+    fed.append(distributed.local_rows(leaf.sharding, leaf.shape[1], row_axis=1).tolist())
+    return out
+
+  loops.distributed.put_rows = spy
+  code = cli.main(["select", "--config", cfg_file, f"--config.workdir={workdir}",
+                   "--config.mesh.distributed=true", "--config.mesh.shape=2,2,1",
+                   "--config.mesh.weights=data",
+                   f"--config.mesh.coordinator_address=127.0.0.1:{port}",
+                   "--config.mesh.num_processes=2", f"--config.mesh.process_id={process_id}"])
+  Path(workdir, f"fed_{process_id}.json").write_text(json.dumps(
+      {"processes": jax.process_count(), "devices": jax.device_count(), "fed": fed}))
+  sys.exit(code)
+
+
+def test_two_processes_run_select_through_the_cli_like_one(tmp_path, monkeypatch):
+  """``bilevel-jax select`` on 2 processes x 2 CPU devices equals the one-device run, and its
+  checkpoint (global arrays written by both processes) restores in this single process."""
+  import jax
+
+  from bilevel_jax import cli
+
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text(CLI_CONFIG)
+  multi, one = tmp_path / "multi", tmp_path / "one"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parents[1]),
+         "BILEVEL_JAX_COMPILE_CACHE": ""}
+  env.pop("XLA_FLAGS", None)
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, __file__, "--cli-worker", str(i), str(port),
+                             str(cfg_file), str(multi)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    outputs.append(out)
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, f"worker failed:\n{out[-4000:]}"
+  fed = [json.loads((multi / f"fed_{i}.json").read_text()) for i in range(2)]
+  assert [(f["processes"], f["devices"], len(f["fed"])) for f in fed] == [(2, 4, 3)] * 2
+  for step in range(3):  # each process fed its own half of every batch (data axis = hosts)
+    rows = [f["fed"][step] for f in fed]
+    assert [len(r) for r in rows] == [4, 4] and sorted(rows[0] + rows[1]) == list(range(8))
+
+  monkeypatch.setenv("BILEVEL_JAX_COMPILE_CACHE", "")
+  old_cache = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jit_cache"))
+  try:
+    assert cli.main(["select", "--config", str(cfg_file), f"--config.workdir={one}",
+                     "--config.mesh.shape=1,1,1"]) == 0
+    want = np.load(one / "select_bds" / "logits.npy")
+    got = np.load(multi / "select_bds" / "logits.npy")
+    assert np.ptp(want) > 0
+    assert _rel(got, want) <= EST_RTOL
+    assert _rel(np.load(multi / "select_bds" / "history.npy"),
+                np.load(one / "select_bds" / "history.npy")) <= EST_RTOL
+
+    # Restore the 2-process checkpoint in this one process (one device, no mesh): with its result
+    # removed, the phase resumes at step 3 of 3 and rewrites the result from the restored state.
+    (multi / "select_bds" / "result.json").unlink()
+    (multi / "select_bds" / "logits.npy").unlink()
+    assert cli.main(["select", "--config", str(cfg_file), f"--config.workdir={multi}",
+                     "--config.mesh.shape=1,1,1"]) == 0
+    np.testing.assert_array_equal(np.load(multi / "select_bds" / "logits.npy"), got)
+    assert json.loads((multi / "select_bds" / "result.json").read_text())["steps"] == 3
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old_cache)
+
+
 if __name__ == "__main__":
   if sys.argv[1:2] == ["--worker"]:
     worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  elif sys.argv[1:2] == ["--cli-worker"]:
+    cli_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
 
 
 def test_single_process_helpers():

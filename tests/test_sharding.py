@@ -337,3 +337,32 @@ def test_plan_from_run_config_prints_the_table():
   assert plans[1].name == f"select_{cfg.select.estimator}"
   assert all(p.arguments > 0 and p.total >= p.arguments for p in plans)
   assert "finetune_step" in lines[-1] and "2/4/1" in lines[-1]
+
+
+def test_fitting_batch_splits_rows_where_they_divide_and_replicates_otherwise():
+  cfg = llama.tiny_config()
+  lay = layout_for((2, 2, 2))
+  assert parallel.fitting_batch(lay, make_batch(cfg, b=8))["tokens"] == lay.batch(
+      make_batch(cfg, b=8))["tokens"]
+  assert parallel.fitting_batch(lay, make_batch(cfg, b=6))["tokens"].spec == P("data", None)
+  stacked = jax.tree.map(lambda x: x[None], make_batch(cfg, b=8))
+  assert parallel.fitting_batch(lay, stacked, row_axis=1)["tokens"].spec == P(
+      None, ("data", "fsdp"), None)
+  # 4 rows over fsdp=8: every device computes the whole batch (the CLI's 1-device configs).
+  assert parallel.fitting_batch(layout_for((1, 8, 1)), make_batch(cfg, b=4))[
+      "tokens"].spec == P(None, None)
+
+
+@pytest.mark.skipif(jax.device_count() != 8, reason="run_layout uses the default backend's devices")
+def test_run_layout_from_config():
+  from bilevel_jax import config as C
+  cfg = C.base_config()
+  assert cfg.mesh.shape == (1, -1, 1)  # FSDP over every device by default
+  assert dict(parallel.run_layout(cfg).mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  cfg.mesh.shape = (1, 1, 1)  # one device: no mesh, the plain single-device programs
+  assert parallel.run_layout(cfg) is None
+  cfg.mesh.shape = (2, -1, 2)
+  assert dict(parallel.run_layout(cfg).mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  cfg.mesh.shape = (2, 2, 1)
+  with pytest.raises(ValueError, match="needs 4 devices, 8 are present"):
+    parallel.run_layout(cfg)
