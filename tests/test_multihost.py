@@ -226,6 +226,10 @@ def get_config():
   c.select.steps = 3
   c.select.logits_optimizer = "sgd"
   c.select.logits_lr = 1.0
+  c.finetune.steps = 2
+  c.finetune.batch_size = 8
+  c.finetune.optimizer = "sgd"
+  c.finetune.lr = 0.1
   c.checkpoint.every = 2
   c.metrics.tensorboard = False
   c.run.methods = ("bds",)
@@ -233,23 +237,25 @@ def get_config():
 '''
 
 
-def cli_worker(process_id: int, port: int, cfg_file: str, workdir: str) -> None:
-  """``bilevel-jax select`` as one of 2 processes x 2 CPU devices (mesh data=2 x fsdp=2)."""
+def cli_worker(process_id: int, port: int, cfg_file: str, workdir: str, command: str) -> None:
+  """``bilevel-jax <command>`` (``select``, or ``finetune``: select then fine-tune on the selection)
+  as one of 2 processes x 2 CPU devices (mesh data=2 x fsdp=2)."""
   import jax
   jax.config.update("jax_num_cpu_devices", 2)
   from bilevel_jax import cli, distributed, loops
 
-  fed = []  # per step: the rows of the global train batch this process fed
+  fed = []  # per selection step: the rows of the global train batch this process fed
   real = distributed.put_rows
 
   def spy(host, shardings):
     out = real(host, shardings)
-    leaf = jax.tree.leaves(out["train"])[0]
-    fed.append(distributed.local_rows(leaf.sharding, leaf.shape[1], row_axis=1).tolist())
+    if isinstance(out, dict) and "train" in out:
+      leaf = jax.tree.leaves(out["train"])[0]
+      fed.append(distributed.local_rows(leaf.sharding, leaf.shape[1], row_axis=1).tolist())
     return out
 
   loops.distributed.put_rows = spy
-  code = cli.main(["select", "--config", cfg_file, f"--config.workdir={workdir}",
+  code = cli.main([command, "--config", cfg_file, f"--config.workdir={workdir}",
                    "--config.mesh.distributed=true", "--config.mesh.shape=2,2,1",
                    "--config.mesh.weights=data",
                    f"--config.mesh.coordinator_address=127.0.0.1:{port}",
@@ -259,9 +265,31 @@ def cli_worker(process_id: int, port: int, cfg_file: str, workdir: str) -> None:
   sys.exit(code)
 
 
-def test_two_processes_run_select_through_the_cli_like_one(tmp_path, monkeypatch):
-  """``bilevel-jax select`` on 2 processes x 2 CPU devices equals the one-device run, and its
-  checkpoint (global arrays written by both processes) restores in this single process."""
+def _saved_state(directory, like=None):
+  """The newest checkpoint's arrays (NumPy), restored onto this process's first device.
+
+  ``like``: a NumPy tree of the same structure, the template; needed for a checkpoint written by
+  other processes (orbax refuses to guess a foreign topology), optional for one written here.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+  step = max(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit())
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = None if like is None else jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), like)
+  with ocp.CheckpointManager(directory, item_names=("state", "meta")) as m:
+    out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return step, jax.tree.map(np.asarray, out["state"])
+
+
+@pytest.mark.parametrize("command", ["select", pytest.param("finetune", marks=pytest.mark.slow)])
+def test_two_processes_run_the_cli_like_one(tmp_path, monkeypatch, command):
+  """``bilevel-jax select`` on 2 processes x 2 CPU devices (3 selection steps) equals the one-device
+  run, and its checkpoint (global arrays written by both processes) restores in this single
+  process. ``finetune`` (slow: about twice as long) adds 2 fine-tuning steps on the selection.
+
+  Tolerances as in test_sharding.py; both optimizers are SGD (see there for why not Adam).
+  """
   import jax
 
   from bilevel_jax import cli
@@ -274,7 +302,7 @@ def test_two_processes_run_select_through_the_cli_like_one(tmp_path, monkeypatch
   env.pop("XLA_FLAGS", None)
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, __file__, "--cli-worker", str(i), str(port),
-                             str(cfg_file), str(multi)], env=env, stdout=subprocess.PIPE,
+                             str(cfg_file), str(multi), command], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outputs = []
   for p in procs:
@@ -297,7 +325,7 @@ def test_two_processes_run_select_through_the_cli_like_one(tmp_path, monkeypatch
   old_cache = jax.config.jax_compilation_cache_dir
   jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jit_cache"))
   try:
-    assert cli.main(["select", "--config", str(cfg_file), f"--config.workdir={one}",
+    assert cli.main([command, "--config", str(cfg_file), f"--config.workdir={one}",
                      "--config.mesh.shape=1,1,1"]) == 0
     want = np.load(one / "select_bds" / "logits.npy")
     got = np.load(multi / "select_bds" / "logits.npy")
@@ -305,6 +333,18 @@ def test_two_processes_run_select_through_the_cli_like_one(tmp_path, monkeypatch
     assert _rel(got, want) <= EST_RTOL
     assert _rel(np.load(multi / "select_bds" / "history.npy"),
                 np.load(one / "select_bds" / "history.npy")) <= EST_RTOL
+    np.testing.assert_array_equal(np.load(multi / "select_bds" / "keep.npy"),
+                                  np.load(one / "select_bds" / "keep.npy"))
+    for phase in ("select_bds", "finetune_bds")[:1 + (command == "finetune")]:
+      want_step, want_state = _saved_state(one / phase / "ckpt")
+      got_step, got_state = _saved_state(multi / phase / "ckpt", like=want_state)
+      assert got_step == want_step
+      for g, w in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state)):
+        assert _rel(g, w) <= EST_RTOL, phase
+    if command == "finetune":
+      curves = [json.loads((d / "finetune_bds" / "result.json").read_text())["curve"]
+                for d in (multi, one)]
+      np.testing.assert_allclose(np.asarray(curves[0]), np.asarray(curves[1]), rtol=1e-5)
 
     # Restore the 2-process checkpoint in this one process (one device, no mesh): with its result
     # removed, the phase resumes at step 3 of 3 and rewrites the result from the restored state.
@@ -322,7 +362,7 @@ if __name__ == "__main__":
   if sys.argv[1:2] == ["--worker"]:
     worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
   elif sys.argv[1:2] == ["--cli-worker"]:
-    cli_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    cli_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
 
 
 def test_single_process_helpers():
