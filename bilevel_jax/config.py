@@ -99,6 +99,9 @@ def base_config() -> ConfigDict:
   c.finetune.lr = 1e-4
   c.finetune.weight_decay = 0.0
   c.finetune.batch_size = 8
+  # Every method's training set also holds the trusted validation pairs: the methods then differ
+  # only in what they add from the pool (direct_mixing: all of it; val_only: nothing).
+  c.finetune.with_validation = False
 
   c.refine = ConfigDict()
   c.refine.choose = "lowest_weight"

@@ -72,25 +72,26 @@ def _cheap_scores(ctx: loops.Context, base_losses: np.ndarray) -> dict:
 
 def _method_arrays(ctx: loops.Context, method: str, sel: dict, base_losses: np.ndarray) -> dict:
   cfg, n = ctx.cfg, len(ctx.pool)
+  wv = bool(cfg.finetune.with_validation)  # direct_mixing and val_only hold it anyway
   bds_keep = int(sel["bds"]["keep"].sum()) if "bds" in sel else wts.top_p_count(
       n, cfg.select.keep_fraction)
   if method in ("bds", "one_step"):
     s = sel[method]
     rows = np.arange(n) if cfg.select.rule == "soft" else np.flatnonzero(s["keep"])
     w = s["train_weights"][rows]
-    return loops.train_arrays(ctx, rows, w)
+    return loops.train_arrays(ctx, rows, w, with_val=wv)
   if method == "full_sft":
-    return loops.train_arrays(ctx, np.arange(n))
+    return loops.train_arrays(ctx, np.arange(n), with_val=wv)
   if method == "direct_mixing":
     return loops.train_arrays(ctx, np.arange(n), with_val=True)
   if method == "val_only":
     return loops.train_arrays(ctx, np.zeros((0,), int), with_val=True)
   if method == "random_selection":
     rng = np.random.default_rng(cfg.seed + 17)
-    return loops.train_arrays(ctx, np.sort(rng.choice(n, bds_keep, replace=False)))
+    return loops.train_arrays(ctx, np.sort(rng.choice(n, bds_keep, replace=False)), with_val=wv)
   if method == "loss_filter":
     k = wts.top_p_count(n, cfg.select.keep_fraction)
-    return loops.train_arrays(ctx, np.sort(np.argsort(base_losses, kind="stable")[:k]))
+    return loops.train_arrays(ctx, np.sort(np.argsort(base_losses, kind="stable")[:k]), with_val=wv)
   raise ValueError(f"method {method!r} has no training set here")
 
 

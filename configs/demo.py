@@ -12,6 +12,10 @@ def get_config():
   c = smollm2_base("safety_matched")
   c.name = "demo"
   c.run.methods = ("bds", "direct_mixing", "random_selection")
+  # safety_matched's good half is refusals only: fine-tuned on a correct selection alone, the model
+  # refused 96% of benign prompts (measured). With the trusted validation pairs (refusals and good
+  # benign answers) in every method's training set, the methods differ only in what they add.
+  c.finetune.with_validation = True
   c.evaluate.n_harmful = 48
   c.evaluate.n_benign = 48
   c.checkpoint.every = 10
