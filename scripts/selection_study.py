@@ -468,7 +468,8 @@ def compact(path: pathlib.Path, tags: list[str] | None = None, field: str = "aur
   The last column is the mean wall time (compilation included) per run, over every pool.
   """
   rows = read_rows(path, tags)
-  pools = list(dict.fromkeys(r["pool"] for r in rows))
+  pools = sorted(dict.fromkeys(r["pool"] for r in rows),
+                 key=lambda x: list(MAX_LEN).index(x) if x in MAX_LEN else len(MAX_LEN))
   methods = list(dict.fromkeys(m for m in BASELINES + ESTIMATORS if any(r["method"] == m
                                                                         for r in rows)))
   lines = ["| method | " + " | ".join(pools) + " | wall s (mean) |",
