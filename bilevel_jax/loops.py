@@ -385,9 +385,11 @@ def run_phase(ctx: Context, phase: str, *, init_state: Any, step: Callable, num_
         if preempt.should_stop(t + 1):
           if not saved:
             checkpointer.save(t + 1, state, data_state=stream.get_state(), extra=extra, force=True)
-          raise distributed.Preempted(
+          stop = distributed.Preempted(
               f"{phase}: SIGTERM; stopped after step {t + 1} of {num_steps} and checkpointed it. "
               "Run the same command again to resume.")
+          log.warning("%s", stop)  # SystemExit prints nothing itself.
+          raise stop
   finally:  # Also on an error: finish the saves already started.
     bar.close()
     checkpointer.close()

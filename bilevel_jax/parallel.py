@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from bilevel_jax.sharding import Layout, ShardedFunction, abstract, shard_jit
 
 Params = Any
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- sharded steps
@@ -49,13 +51,26 @@ def fitting_batch(layout: Layout, tree: Any, row_axis: int = 0) -> Any:
   """
   from bilevel_jax import sharding
 
+  want = math.prod(layout.mesh.shape[a] for a in sharding.BATCH_AXES)
+
   def one(x):
     shape = tuple(x.shape)
     logical = [None] * len(shape)
     logical[row_axis] = "batch"
-    return layout.sharding(sharding.logical_to_spec(logical, shape, layout.mesh, layout.rules))
+    spec = sharding.logical_to_spec(logical, shape, layout.mesh, layout.rules)
+    axes = spec[row_axis] or ()
+    split = math.prod(layout.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    short.add((shape[row_axis], split))
+    return layout.sharding(spec)
 
-  return jax.tree.map(one, tree)
+  short: set = set()
+  out = jax.tree.map(one, tree)
+  for rows, split in sorted(short):
+    if split < want:  # Said once per batch, not per field.
+      log.warning("batch of %d rows is not divisible by data x fsdp = %d: its rows are split %d "
+                  "way(s) only (%d rows per device group); use a multiple of %d",
+                  rows, want, split, rows // split, want)
+  return out
 
 
 def sharded_inner_step(loss_fn, optimizer, layout: Layout, trainable: Params, frozen: Params,
