@@ -9,10 +9,11 @@ flag, both workers stop at that same step and write one checkpoint together. Thi
 (8 devices, one process) then computes the same three steps on one device, and restores the
 checkpoint onto a (2, 2, 2) mesh: a different process count, device count and mesh.
 
-The second test does the same through the command line: both workers run ``bilevel-jax select``
+The CLI tests do the same through the command line: both workers run ``bilevel-jax select``
 with ``mesh.distributed`` on a (2, 2, 1) mesh (``loops`` builds it, feeds each process its rows and
 writes global-array checkpoints); the result equals a one-device run, and this single process then
-restores the checkpoint the two wrote.
+restores the checkpoint the two wrote. Slow variants: ``finetune`` too, and a SIGTERM to one
+worker mid-selection (both checkpoint one agreed step and exit 143; restarted, they finish).
 
 Tolerance: as in test_sharding.py (rounding of reordered f32 sums, ``EST_RTOL``).
 """
@@ -237,7 +238,8 @@ def get_config():
 '''
 
 
-def cli_worker(process_id: int, port: int, cfg_file: str, workdir: str, command: str) -> None:
+def cli_worker(process_id: int, port: int, cfg_file: str, workdir: str, command: str,
+               *overrides: str) -> None:
   """``bilevel-jax <command>`` (``select``, or ``finetune``: select then fine-tune on the selection)
   as one of 2 processes x 2 CPU devices (mesh data=2 x fsdp=2)."""
   import jax
@@ -259,10 +261,35 @@ def cli_worker(process_id: int, port: int, cfg_file: str, workdir: str, command:
                    "--config.mesh.distributed=true", "--config.mesh.shape=2,2,1",
                    "--config.mesh.weights=data",
                    f"--config.mesh.coordinator_address=127.0.0.1:{port}",
-                   "--config.mesh.num_processes=2", f"--config.mesh.process_id={process_id}"])
+                   "--config.mesh.num_processes=2", f"--config.mesh.process_id={process_id}",
+                   *overrides])
   Path(workdir, f"fed_{process_id}.json").write_text(json.dumps(
       {"processes": jax.process_count(), "devices": jax.device_count(), "fed": fed}))
   sys.exit(code)
+
+
+def _start_cli_workers(cfg_file, workdir, command, *overrides, step_delay=0.0):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parents[1]),
+         "BILEVEL_JAX_COMPILE_CACHE": "", "BILEVEL_JAX_DEBUG_STEP_DELAY": str(step_delay)}
+  env.pop("XLA_FLAGS", None)
+  port = _free_port()
+  return [subprocess.Popen([sys.executable, __file__, "--cli-worker", str(i), str(port),
+                            str(cfg_file), str(workdir), command, *overrides], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+
+
+def _wait(procs, timeout=300):
+  outputs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    outputs.append(out)
+  return outputs
 
 
 def _saved_state(directory, like=None):
@@ -297,22 +324,8 @@ def test_two_processes_run_the_cli_like_one(tmp_path, monkeypatch, command):
   cfg_file = tmp_path / "cfg.py"
   cfg_file.write_text(CLI_CONFIG)
   multi, one = tmp_path / "multi", tmp_path / "one"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parents[1]),
-         "BILEVEL_JAX_COMPILE_CACHE": ""}
-  env.pop("XLA_FLAGS", None)
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, __file__, "--cli-worker", str(i), str(port),
-                             str(cfg_file), str(multi), command], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    outputs.append(out)
+  procs = _start_cli_workers(cfg_file, multi, command)
+  outputs = _wait(procs)
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, f"worker failed:\n{out[-4000:]}"
   fed = [json.loads((multi / f"fed_{i}.json").read_text()) for i in range(2)]
@@ -362,7 +375,7 @@ if __name__ == "__main__":
   if sys.argv[1:2] == ["--worker"]:
     worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
   elif sys.argv[1:2] == ["--cli-worker"]:
-    cli_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
+    cli_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], *sys.argv[6:])
 
 
 def test_single_process_helpers():
@@ -384,3 +397,48 @@ def test_single_process_helpers():
     assert guard.local_request
     assert guard.should_stop() is True  # 2nd call: a check
   assert signal.getsignal(signal.SIGTERM) is not guard._handler  # the old handler is back
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_cli_process_stops_both_at_one_step_then_the_run_resumes(tmp_path,
+                                                                               monkeypatch):
+  """A SIGTERM to worker 1 alone, mid-selection: both workers checkpoint the same step and exit
+  with 143; started again, they finish, and the logits equal the one-device run."""
+  import time
+
+  import jax
+
+  from bilevel_jax import cli
+  from bilevel_jax import metrics as M
+
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text(CLI_CONFIG)
+  multi, one = tmp_path / "multi", tmp_path / "one"
+  steps = ["--config.select.steps=8", "--config.checkpoint.every=100"]
+  procs = _start_cli_workers(cfg_file, multi, "select", *steps, step_delay=1.0)
+  metrics = multi / "select_bds" / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while (not metrics.exists() or len(M.read_jsonl(metrics)) < 2) and time.monotonic() < deadline:
+    assert all(p.poll() is None for p in procs), _wait(procs)
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)  # a preemption notice on one host only
+  outputs = _wait(procs)
+  assert [p.returncode for p in procs] == [143, 143], "\n".join(o[-3000:] for o in outputs)
+  saved = sorted(int(p.name) for p in (multi / "select_bds" / "ckpt").iterdir()
+                 if p.name.isdigit())
+  assert len(saved) == 1 and 2 <= saved[0] < 8, saved  # one agreed step, mid-phase
+  assert "stopped after step %d of 8" % saved[0] in outputs[0]  # process 0 was not signalled
+
+  outputs = _wait(_start_cli_workers(cfg_file, multi, "select", *steps))
+  assert (multi / "select_bds" / "result.json").exists(), outputs[0][-3000:]
+  assert [r["step"] for r in M.read_jsonl(metrics)] == list(range(1, 9))
+  monkeypatch.setenv("BILEVEL_JAX_COMPILE_CACHE", "")  # the cache below, not the user's
+  old_cache = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jit_cache"))
+  try:
+    assert cli.main(["select", "--config", str(cfg_file), f"--config.workdir={one}",
+                     "--config.mesh.shape=1,1,1", *steps]) == 0
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old_cache)
+  assert _rel(np.load(multi / "select_bds" / "logits.npy"),
+              np.load(one / "select_bds" / "logits.npy")) <= EST_RTOL
