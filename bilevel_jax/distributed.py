@@ -144,6 +144,8 @@ def put(tree: Any, shardings: Any) -> Any:
   def one(x, s):
     if isinstance(x, jax.Array) and x.sharding == s:
       return x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # Already global: reshard.
+      return jax.jit(lambda a: a, out_shardings=s)(x)
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       data = one(jax.random.key_data(x), s)
       return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))

@@ -391,6 +391,17 @@ def test_single_process_helpers():
   batch = distributed.global_batch({"x": np.arange(24.0).reshape(8, 3)}, {"x": sh}, 8)
   assert batch["x"].sharding == sh
   np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(24.0).reshape(8, 3))
+  # The loops' placement helpers: rows per process, whole values (keys too), host copies.
+  x = np.arange(16.0).reshape(8, 2)
+  rows = distributed.put_rows({"x": x}, {"x": sh})
+  assert rows["x"].sharding == sh and np.array_equal(np.asarray(rows["x"]), x)
+  w_sh = layout.sharding(jax.sharding.PartitionSpec(None, "tensor"))
+  placed = distributed.put({"w": x, "k": jax.random.key(3)}, {"w": w_sh, "k": layout.replicated()})
+  assert placed["w"].sharding == w_sh and placed["k"].sharding == layout.replicated()
+  assert distributed.put(placed, {"w": w_sh, "k": layout.replicated()})["w"] is placed["w"]
+  np.testing.assert_array_equal(jax.random.key_data(placed["k"]),
+                                jax.random.key_data(jax.random.key(3)))
+  np.testing.assert_array_equal(distributed.to_host(placed["w"]), x)
   with distributed.PreemptionGuard(every=2) as guard:
     assert not guard.should_stop()
     os.kill(os.getpid(), signal.SIGTERM)
