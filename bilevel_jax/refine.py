@@ -52,7 +52,8 @@ class RefineConfig:
 
   Attributes:
     selection: ``lowest_weight`` or ``random``.
-    share: ``r``, the fraction of pairs whose question is regenerated.
+    share: ``r``, the fraction of pairs whose question is regenerated (of the pairs whose prompt
+      fits ``max_len``; the others are skipped and counted).
     dynamic: choose the questions again every round.
     num_generations: ``G``, responses sampled per chosen question.
     regen_every: ``F``, training steps between two rounds of generation.
@@ -289,14 +290,16 @@ def refine(records: Sequence[Any], tokenizer, cfg: llama.LlamaConfig, spec: lora
     raise ValueError(f"refine: weights/keep have {p_all.shape[0]}/{keep_all.shape[0]} entries but "
                      f"a record has index {n_index - 1}")
   keep_pos = keep_all[idx]
-  offline = []
+  offline, fits = [], np.ones(len(pairs), bool)
   for i, p in enumerate(pairs):
     prompt, resp = tokenizer.encode_chat(p.question, p.response)
-    if len(prompt) >= rcfg.max_len:
-      raise ValueError(f"refine: record {i}: field 'question' has a {len(prompt)}-token prompt, "
-                       f"not shorter than max_len={rcfg.max_len}")
+    # A prompt that fills the row leaves no response token to train on or to generate: the pair is
+    # skipped (neither kept nor regenerated) and counted in every round's report.
+    fits[i] = len(prompt) < rcfg.max_len
     w = float(p_all[p.index]) if rcfg.offline_weighted else 1.0
     offline.append(Example(prompt, resp, None, w, p.index))
+  keep_pos = keep_pos & fits
+  candidates = np.flatnonzero(fits)
 
   step_fn, token_lp_fn = _compiled_steps(spec, cfg, rcfg.clip, rcfg.log_prob_floor, optimizer)
   if opt_state is None:
@@ -317,13 +320,14 @@ def refine(records: Sequence[Any], tokenizer, cfg: llama.LlamaConfig, spec: lora
         scores = p_all[idx]
         if rcfg.dynamic and rescore is not None and r > 0:
           scores = np.asarray(rescore(trainable))[idx]
-        chosen = choose_questions(scores, rcfg.share, rcfg.selection, rng)
+        chosen = candidates[choose_questions(scores[candidates], rcfg.share, rcfg.selection, rng)]
       regenerated, texts, truncated = _regenerate(
           pairs, offline, chosen, tokenizer, cfg, spec, trainable, frozen, rcfg,
           jax.random.fold_in(key, r), reference, token_lp_fn, stop_ids)
       report = round_report(pairs, chosen, keep_pos, texts, truncated, rcfg.harmful_labels,
                             rcfg.refusal_phrases)
       report.update(round=r, step=step, weighting=rcfg.weighting, seconds=time.perf_counter() - t0,
+                    questions_skipped_prompt_too_long=int((~fits).sum()),
                     regenerated_index=[pairs[int(i)].index for i in chosen])
       if rcfg.weighting == "self_normalized" and regenerated:
         ws = np.asarray([e.weight for exs in regenerated.values() for e in exs])

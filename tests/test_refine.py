@@ -129,6 +129,22 @@ def test_keep_mask_counts_dropped_questions():
   assert all(110 <= i < 120 for i in res2.generations)
 
 
+def test_prompts_that_fill_the_row_are_skipped_and_counted():
+  rcfg = dataclasses.replace(BASE, share=0.25, warmup_steps=0, num_steps=2)
+  long_q = "x" * 40  # ByteTokenizer: one token per byte, so the prompt alone exceeds max_len=24
+  records = [dict(r, question=long_q) if r["index"] in (3, 12) else r for r in RECORDS]
+  params = llama.init_params(CFG, jax.random.key(0))
+  trainable, frozen = lora_lib.split(SPEC, CFG, params)
+  res = refine.refine(records, TOK, CFG, SPEC, trainable, frozen, OPT, rcfg, jax.random.key(1),
+                      weights=BDS_WEIGHTS)
+  r = res.rounds[0]
+  assert r["questions_skipped_prompt_too_long"] == 2
+  # A quarter of the 18 pairs that fit (round(4.5) = 4), the lowest-weighted: 10, 11, 13, 14.
+  assert r["regenerated_index"] == [10, 11, 13, 14]
+  assert r["questions_kept"] == 20 - 2 - 4 and r["questions_dropped"] == 2
+  assert 3 not in res.generations and 12 not in res.generations
+
+
 def test_choose_questions():
   rng = np.random.default_rng(0)
   scores = np.asarray([0.3, 0.1, 0.1, 2.0, 0.05])
