@@ -90,10 +90,17 @@ class Timing:
   """Seconds of each timed call; ``median`` is what tables report, ``spread`` shows the noise."""
 
   seconds: list[float]
+  # CPU seconds of the worker process in the same calls (user + system, all its threads), where the
+  # worker reports them: on a shared machine wall time also counts the time a side waited for a core.
+  cpu_seconds: list[float] = dataclasses.field(default_factory=list)
 
   @property
   def median(self) -> float:
     return statistics.median(self.seconds)
+
+  @property
+  def cpu_median(self) -> float | None:
+    return statistics.median(self.cpu_seconds) if self.cpu_seconds else None
 
   @property
   def spread(self) -> str:
@@ -271,17 +278,23 @@ def alternate(workers: dict[str, Worker], rounds: int, cmd: str = "step", pause_
               **kwargs) -> dict[str, Timing]:
   """Round-robin: each round every worker runs ``cmd`` once and reports ``{"seconds": s}``.
 
+  A reply may also carry ``cpu_seconds`` (the worker's process CPU time in the call), kept in
+  :attr:`Timing.cpu_seconds`.
+
   The order within a round flips every round so that neither side always follows the other. The
   pause lets the previous side's thread pool go idle (OpenMP threads spin for a while after a
   parallel region) before the next side starts.
   """
-  seconds: dict[str, list[float]] = {name: [] for name in workers}
+  timings = {name: Timing([]) for name in workers}
   names = list(workers)
   for r in range(rounds):
     for name in (names if r % 2 == 0 else names[::-1]):
       time.sleep(pause_s)
-      seconds[name].append(workers[name].call(cmd, **kwargs)["seconds"])
-  return {name: Timing(s) for name, s in seconds.items()}
+      reply = workers[name].call(cmd, **kwargs)
+      timings[name].seconds.append(reply["seconds"])
+      if "cpu_seconds" in reply:
+        timings[name].cpu_seconds.append(reply["cpu_seconds"])
+  return timings
 
 
 # ----------------------------------------------------------------------------- docs/benchmarks.md

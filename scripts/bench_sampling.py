@@ -29,12 +29,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
+from bench_sft_step import MODEL  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 THREADS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Explain photosynthesis in one paragraph.", "List three uses of a paperclip.",
              "How many legs does a spider have?", "Give me a tip for learning to cook."]
+
+
+def generation_flops(prompt_lengths: list[int], new_tokens: int, m: dict = MODEL) -> float:
+  """Matmul FLOPs of greedy generation with a KV cache: prefill of each prompt, then one token at
+  a time attending to its context (counted as in ``bench_sft_step.step_flops``: attention scores and
+  values in full, 4 * context * heads * head_dim per layer and token; the tied head on every token).
+  """
+  d, hd, f = m["d"], m["head_dim"], m["ff"]
+  per_token = 2 * (m["layers"] * (d * hd * (2 * m["heads"] + 2 * m["kv_heads"]) + 3 * d * f)
+                   + d * m["vocab"])
+  attn = 4 * m["heads"] * hd * m["layers"]
+  total = 0.0
+  for p in prompt_lengths:
+    total += p * per_token + attn * p * p  # prefill
+    total += sum(per_token + attn * (p + i + 1) for i in range(new_tokens - 1))  # decode steps
+  return total
 
 
 def gguf_dir() -> str:
@@ -65,11 +82,11 @@ def jax_worker(new_tokens: int) -> None:
     return [prompt_ids[i % len(prompt_ids)] for i in range(batch)]
 
   def cached(batch: int):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = sampling.generate(params, cfg, scfg, prompts(batch), jax.random.key(0))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     last[batch] = out.tokens
-    return {"seconds": seconds, "tokens": int(out.lengths.sum())}
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": int(out.lengths.sum())}
 
   @jax.jit
   def uncached_loop(params, tokens, prompt_lengths):
@@ -104,6 +121,7 @@ def jax_worker(new_tokens: int) -> None:
     return {"tokens": np.asarray(last[batch]).tolist()}
 
   bc.serve({"cached": cached, "uncached": uncached, "prompts": lambda batch: {"ids": prompts(batch)},
+            "matmul_peak": lambda: bc.matmul_peak_jax(),
             "tokens": tokens, "stats": lambda: {"peak_rss": bc.peak_rss_bytes()}},
            ready={"side": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
                   "pad_id": tok.pad_id})
@@ -137,14 +155,14 @@ def torch_worker(new_tokens: int) -> None:
 
   def generate(batch: int):
     input_ids, mask, pad_id = inputs[batch]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
       out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
                            pad_token_id=pad_id, eos_token_id=None)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     last[batch] = out[:, input_ids.shape[1]:]
-    return {"seconds": seconds, "tokens": int(last[batch].numel())}
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": int(last[batch].numel())}
 
   bc.serve({"set_prompts": set_prompts, "generate": generate,
             "tokens": lambda batch: {"tokens": last[batch].tolist()},
@@ -183,22 +201,26 @@ def run(batches=(1, 8, 32), new_tokens: int = 64, rounds: int = 3, uncached_batc
          "TOKENIZERS_PARALLELISM": "false"}
   n = ["--new-tokens", str(new_tokens)]
   results = {}
+  machine = bc.machine_description()  # before the run: its load average is the one at the start
   print("[sampling] starting workers (model loads)...", flush=True)
   with bc.Worker("jax", [bc.JAX_PYTHON, script, "--worker", "jax", *n], env) as jw, \
        bc.Worker("torch", [bc.TORCH_PYTHON, script, "--worker", "torch", *n], env) as tw:
     versions = {"jax": jw.info["jax"], "torch": tw.info["torch"],
                 "transformers": tw.info["transformers"], "torch attention": tw.info["attention"]}
+    peak = jw.call("matmul_peak")
     for b in batches:
-      tw.call("set_prompts", batch=b, ids=jw.call("prompts", batch=b)["ids"],
-              pad_id=jw.info["pad_id"])
+      ids = jw.call("prompts", batch=b)["ids"]
+      tw.call("set_prompts", batch=b, ids=ids, pad_id=jw.info["pad_id"])
       start = time.perf_counter()
       jw.call("cached", batch=b)  # compiles this batch bucket
       compile_s = time.perf_counter() - start
       tw.call("generate", batch=b)  # warm-up
-      load = "%.2f" % bc.load_average()[0]
+      load_before = "%.2f" % bc.load_average()[0]
       timings = bc.alternate({"jax cached": _Cmd(jw, "cached", b),
                               "torch generate": _Cmd(tw, "generate", b)}, rounds)
+      load = f"{load_before} -> {bc.load_average()[0]:.2f}"
       res = {"load": load, "jax_first_call_s": compile_s,
+             "flops": generation_flops([len(x) for x in ids], new_tokens),
              "agreement": _agreement(jw.call("tokens", batch=b)["tokens"],
                                      tw.call("tokens", batch=b)["tokens"]), **timings}
       if b in uncached_batches:
@@ -211,12 +233,15 @@ def run(batches=(1, 8, 32), new_tokens: int = 64, rounds: int = 3, uncached_batc
         if name in res:
           t = res[name]
           print(f"[sampling] B={b:3d} {name:15s} median {t.median:7.2f} s  "
-                f"{b * new_tokens / t.median:7.1f} tok/s", flush=True)
+                f"{b * new_tokens / t.median:7.1f} tok/s  "
+                f"{res['flops'] / t.median / 1e9:5.1f} GFLOP/s "
+                f"({res['flops'] / t.median / 1e9 / peak['plain']:.0%} of the matmul peak)", flush=True)
       ratio = res["torch generate"].median / res["jax cached"].median
       print(f"[sampling] B={b:3d} JAX/PyTorch tokens-per-second ratio {ratio:.2f} "
             f"(load avg {load}); greedy tokens: {res['agreement']}", flush=True)
     rss = {"jax": jw.call("stats")["peak_rss"], "torch": tw.call("stats")["peak_rss"]}
   results["_versions"], results["_rss"] = versions, rss
+  results["_peak"], results["_machine"] = peak, machine
   if write_docs:
     bc.update_markdown_section("sampling", render(results, new_tokens, rounds))
   return results
@@ -231,16 +256,21 @@ def render(results: dict, new_tokens: int, rounds: int) -> str:
       if name not in r:
         continue
       t = r[name]
-      rows.append([b, name, f"{t.median:.2f}", t.spread, f"{b * new_tokens / t.median:.1f}",
-                   f"{r['torch generate'].median / t.median:.2f}", r["load"]])
-  table = bc.markdown_table(["batch", "side", "median (s)", "range (s)", "tokens/s",
-                             "speed / torch generate", "load avg"], rows)
+      gflops = r["flops"] / t.median / 1e9
+      rows.append([b, name, f"{t.median:.2f}", t.spread,
+                   f"{t.cpu_median:.2f}" if t.cpu_median is not None else "-",
+                   f"{b * new_tokens / t.median:.1f}", f"{r['torch generate'].median / t.median:.2f}",
+                   f"{gflops:.1f} ({gflops / results['_peak']['plain']:.0%})", r["load"]])
+  table = bc.markdown_table(["batch", "side", "median (s)", "range (s)", "median CPU s (process)",
+                             "tokens/s", "speed / torch generate", "useful GFLOP/s (of matmul peak)",
+                             "load avg 1 min (before -> after)"], rows)
   checks = "\n".join(f"- B={b}: JAX vs PyTorch greedy tokens: {r['agreement']}"
                      + (f"; uncached loop equals cached sampler: {r['uncached_agrees']}"
                         if "uncached_agrees" in r else "")
                      for b, r in results.items() if not isinstance(b, str))
-  machine = bc.machine_markdown(bc.machine_description(
-      {k: str(v) for k, v in results["_versions"].items()}))
+  machine = bc.machine_markdown({**results["_machine"],
+                                 **{k: str(v) for k, v in results["_versions"].items()}})
+  peak = results["_peak"]
   return f"""## Sampling: tokens per second (`scripts/bench_sampling.py`)
 
 Greedy generation of {new_tokens} new tokens per row (stop tokens off) from ChatML prompts,
@@ -248,7 +278,12 @@ SmolLM2-135M-Instruct, f32, 2 threads per side, the same token ids on both sides
 `bilevel_jax.sampling.generate` (one call, compiled beforehand); `jax uncached` re-runs the whole
 buffer every step (one run); `torch generate` is `transformers` `generate` with its KV cache.
 {rounds} alternating rounds per batch size. Peak RSS: JAX {bc.gib(results['_rss']['jax'])},
-PyTorch {bc.gib(results['_rss']['torch'])}.
+PyTorch {bc.gib(results['_rss']['torch'])}. Useful GFLOP/s: matmul FLOPs of cached prefill and
+decode (`generation_flops`, the same count for every side: the uncached loop does more work than
+that) over the wall time, against the best plain f32 matmul measured by JAX in this
+run ({peak['plain']:.0f} GFLOP/s; lhs transposed {peak['lhs_transposed']:.0f}, rhs transposed
+{peak['rhs_transposed']:.0f}); decoding at small batch is bound by memory traffic, not by matmul
+throughput, so a low share is expected there. CPU s: the worker process's user + system time per call.
 
 {table}
 

@@ -112,12 +112,13 @@ def jax_worker(kind: str) -> None:
   state = {"trainable": trainable, "opt_state": opt_state, "loss": []}
 
   def one_step():
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     state["trainable"], state["opt_state"], metrics = compiled(
         state["trainable"], frozen, state["opt_state"], batch, weights)
     jax.block_until_ready((state["trainable"], state["opt_state"], metrics))
+    out = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
     state["loss"].append(float(metrics["nll"]))
-    return {"seconds": time.perf_counter() - start}
+    return out
 
   one_step()  # first run: allocations, thread pools
   bc.reset_peak_rss()
@@ -173,7 +174,7 @@ def torch_worker(kind: str) -> None:
   losses = []
 
   def one_step():
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     logits = model(input_ids=batch["tokens"], position_ids=batch["positions"]).logits
     nll = nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(),
                                       reduction="none").view(BATCH, SEQ)
@@ -183,8 +184,9 @@ def torch_worker(kind: str) -> None:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    out = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
     losses.append(float(loss.detach()))
-    return {"seconds": time.perf_counter() - start}
+    return out
 
   one_step()
   bc.reset_peak_rss()
@@ -214,14 +216,16 @@ def run(kinds=("full", "lora"), rounds: int = 7, write_docs: bool = True) -> dic
   env = {**THREADS, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
          "TOKENIZERS_PARALLELISM": "false"}
   results, peaks, versions = {}, {}, {}
+  machine = bc.machine_description()  # before the run: its load average is the one at the start
   for kind in kinds:
     print(f"[sft/{kind}] starting workers (JAX compile, PyTorch GGUF load)...", flush=True)
     with bc.Worker(f"jax-{kind}", [bc.JAX_PYTHON, script, "--worker", "jax", "--kind", kind], env) as jw, \
          bc.Worker(f"torch-{kind}", [bc.TORCH_PYTHON, script, "--worker", "torch", "--kind", kind], env) as tw:
       if not peaks:  # the matmul peak, measured once per run in each framework, alternating
         peaks = {"jax": jw.call("matmul_peak"), "torch": tw.call("matmul_peak")}
-      load = "%.2f" % bc.load_average()[0]
+      load_before = "%.2f" % bc.load_average()[0]
       timings = bc.alternate({"jax": jw, "torch": tw}, rounds)
+      load = f"{load_before} -> {bc.load_average()[0]:.2f}"
       jstats, tstats = jw.call("stats"), tw.call("stats")
       versions = {"jax": jw.info["jax"], "torch": tw.info["torch"],
                   "transformers": tw.info["transformers"], "jax params": jw.info["params"],
@@ -237,11 +241,13 @@ def run(kinds=("full", "lora"), rounds: int = 7, write_docs: bool = True) -> dic
     for side in ("jax", "torch"):
       t = res[side]
       print(f"[sft/{kind}] {side:5s} median {t.median:.3f} s (range {t.spread}), "
+            f"CPU {t.cpu_median:.2f} s, "
             f"{flops / t.median / 1e9:.0f} GFLOP/s = {flops / t.median / 1e9 / peak:.0%} of peak, "
             f"peak RSS {bc.gib(res[side + '_rss'])}", flush=True)
-    print(f"[sft/{kind}] ratio JAX/PyTorch = {res['ratio']:.2f}  (load avg at start {load}); "
+    print(f"[sft/{kind}] ratio JAX/PyTorch = {res['ratio']:.2f}  (load avg 1 min, before -> after the "
+          f"timed steps: {load}); "
           f"NLL after the steps: JAX {res['jax_loss']:.4f}, PyTorch {res['torch_loss']:.4f}", flush=True)
-  results["_peaks"], results["_versions"] = peaks, versions
+  results["_peaks"], results["_versions"], results["_machine"] = peaks, versions, machine
   if write_docs:
     bc.update_markdown_section("sft", render(results, rounds))
   return results
@@ -257,24 +263,27 @@ def render(results: dict, rounds: int) -> str:
       t = r[side]
       rows.append([kind, name, f"{t.median:.3f}", t.spread,
                    f"{r['ratio']:.2f}" if side == "jax" else "1.00",
+                   f"{t.cpu_median:.2f}" if t.cpu_median is not None else "-",
                    f"{r['flops'] / t.median / 1e9:.0f} ({r['flops'] / t.median / 1e9 / r['peak']:.0%})",
-                   bc.gib(r[side + "_rss"]), f"{r[side + '_loss']:.4f}"])
+                   bc.gib(r[side + "_rss"]), f"{r[side + '_loss']:.4f}", r["load"]])
   table = bc.markdown_table(
-      ["trainable", "side", "median step (s)", "range (s)", "time / PyTorch",
-       "GFLOP/s (of peak)", "peak RSS in steps", "loss after steps"], rows)
+      ["trainable", "side", "median step (s)", "range (s)", "time / PyTorch", "median CPU s (process)",
+       "GFLOP/s (of peak)", "peak RSS in steps", "loss after steps", "load avg 1 min (before -> after)"],
+      rows)
   peak_lines = "\n".join(
       f"- f32 matmul GFLOP/s, {side}: plain {p['plain']:.0f}, lhs transposed {p['lhs_transposed']:.0f}, "
       f"rhs transposed {p['rhs_transposed']:.0f}" for side, p in peaks.items())
-  machine = bc.machine_markdown(bc.machine_description({k: str(v) for k, v in versions.items()}))
-  full_flops = results.get("full", {}).get("flops")
+  desc = results.get("_machine") or bc.machine_description()
+  machine = bc.machine_markdown({**desc, **{k: str(v) for k, v in versions.items()}})
   return f"""## SFT step: JAX vs PyTorch (`scripts/bench.py sft`)
 
 One AdamW step on the token-mean response NLL, SmolLM2-135M-Instruct, B={BATCH}, T={SEQ} (prompt
 {PROMPT_LEN} tokens masked), f32, 2 threads per side. {rounds} alternating rounds; each side in its own
 process; peak RSS is the process's resident peak over the timed steps (params, optimizer state,
-activations). FLOPs per step: {f"{full_flops / 1e9:.0f} G (full)" if full_flops else ""}
-{f"{results['lora']['flops'] / 1e9:.0f} G (lora)" if "lora" in results else ""}; "of peak" is against the best plain f32
-matmul measured in this run.
+activations). CPU s is the worker process's user + system time in the step, all threads: on this
+shared machine the wall time also holds the time a side waited for a core. FLOPs per step
+(matmuls): {", ".join(f"{results[k]['flops'] / 1e9:.0f} G ({k})" for k in ("full", "lora") if k in results)};
+"of peak" is against the best plain f32 matmul measured in this run.
 
 {table}
 
