@@ -55,7 +55,11 @@ CONFIGS: dict[str, tuple[str, dict, int]] = {
     "one_step": ("one_step", {"lr": INNER_LR}, 0),
     "likelihood_ratio (fit)": ("likelihood_ratio", {"fit_steps": 30}, 0),
     "likelihood_ratio (score)": ("likelihood_ratio", {"fit_steps": 30}, 30),
+    # Opt-in (``--only``): the scanned inner step without jax.checkpoint, to see what the
+    # recomputation of ``nothing_saveable`` costs at K >= 2.
+    "unroll K=2 (no remat)": ("unroll", {"k": 2, "remat_policy": None}, 0),
 }
+DEFAULT_LABELS = [label for label in CONFIGS if "no remat" not in label]
 # Rough resident-memory needs (GB) used to decide whether a run may start (measured ones replace
 # these in the doc). torch.func keeps every step's graph for the double backward: the LoRA K=1 step
 # was seen at 7.3 GB resident, so about 6 GB per unrolled step on top of the model.
@@ -381,7 +385,7 @@ def run(kinds=("lora", "full"), rounds: int = 3, write_docs: bool = True, torch:
   ``torch_ks`` limits the PyTorch comparison to these K (default: every K of the ``unroll`` labels).
   The section is rewritten after every config, so a run cut short keeps its finished rows.
   """
-  labels = labels or list(CONFIGS)
+  labels = labels or DEFAULT_LABELS
   if torch:
     import subprocess
     subprocess.run(["bash", str(bc.REPO / "scripts" / "setup_torch_env.sh")], check=True)
