@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
-from bench_sft_step import BATCH, GGUF_NAME, LORA_ALPHA, LORA_RANK, SEQ, THREADS, gguf_dir, make_batch  # noqa: E402
+from bench_sft_step import BATCH, GGUF_NAME, LORA_ALPHA, LORA_RANK, SEQ, THREADS, gguf_dir, make_batch, torch_lora_linear  # noqa: E402
 
 INNER_LR = 1e-3   # inner SGD (the library default for hypergradients: DESIGN.md section 7)
 K_MAX = 4         # train batches prepared; logits cover B * K_MAX rows
@@ -200,18 +200,7 @@ def torch_worker(kind: str) -> None:
                                                attn_implementation="eager")
   model.eval()  # no dropout; gradients flow all the same
 
-  class LoRALinear(nn.Module):
-    """``base(x) + (x @ a) @ b * scale`` (as ``bilevel_jax.model.lora``)."""
-
-    def __init__(self, base: nn.Linear):
-      super().__init__()
-      self.base = base
-      self.a = nn.Parameter(torch.randn(base.in_features, LORA_RANK) / base.in_features ** 0.5)
-      self.b = nn.Parameter(torch.zeros(LORA_RANK, base.out_features))
-      self.scale = LORA_ALPHA / LORA_RANK
-
-    def forward(self, x):
-      return self.base(x) + (x @ self.a) @ self.b * self.scale
+  LoRALinear = torch_lora_linear()
 
   for p in model.parameters():
     p.requires_grad_(False)

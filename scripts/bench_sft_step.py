@@ -135,16 +135,10 @@ def jax_worker(kind: str) -> None:
 # ----------------------------------------------------------------------------- PyTorch side
 
 
-def torch_worker(kind: str) -> None:
+def torch_lora_linear():
+  """The PyTorch LoRA wrapper both PyTorch workers use (torch is imported only in their venv)."""
   import torch
-  import transformers
   from torch import nn
-  from transformers import AutoModelForCausalLM
-
-  torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-  torch.manual_seed(0)
-  model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32)
-  model.train()
 
   class LoRALinear(nn.Module):
     """``base(x) + (x @ a) @ b * scale``, ``b`` zero at start (as ``bilevel_jax.model.lora``)."""
@@ -158,6 +152,22 @@ def torch_worker(kind: str) -> None:
 
     def forward(self, x):
       return self.base(x) + (x @ self.a) @ self.b * self.scale
+
+  return LoRALinear
+
+
+def torch_worker(kind: str) -> None:
+  import torch
+  import transformers
+  from torch import nn
+  from transformers import AutoModelForCausalLM
+
+  torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+  torch.manual_seed(0)
+  model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32)
+  model.train()
+
+  LoRALinear = torch_lora_linear()
 
   if kind == "lora":
     for p in model.parameters():
