@@ -44,6 +44,13 @@ from bilevel_jax.model import lora as lora_lib  # noqa: E402
 
 ESTIMATORS = ("likelihood_ratio", "penalty", "penalty_vf", "unroll", "implicit", "one_step")
 BASELINES = ("length", "base_loss", "loss_change", "alignment", "random")
+# Diagnostics (run only when named in --methods; not part of "baselines"):
+# ``fit_alignment``: ``grad l_i(theta_0) . (theta_0 - theta_fit)``, the first-order part of the
+# ``likelihood_ratio`` score, with ``theta_fit`` fitted on validation as ``likelihood_ratio`` does
+# (``--kw fit_optimizer/fit_lr/fit_steps``, its defaults otherwise). With an SGD fit the direction is
+# a sum of raw validation gradients (the ``alignment``/``one_step`` direction); with Adam it is
+# preconditioned, so the pair of rows tests whether the preconditioning carries the signal.
+DIAGNOSTICS = ("fit_alignment",)
 MAX_LEN = {"safety_matched": 96, "safety_matched_easy": 96, "safety": 128, "quality": 128,
            "quality_easy": 128, "math": 192}
 
@@ -310,6 +317,33 @@ def alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int) -> np.ndarra
                          for b in batches_of(pa, bs)])
 
 
+def fit_alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int, kw: dict
+                  ) -> tuple[np.ndarray, dict]:
+  """``grad l_i(theta_0) . (theta_0 - theta_fit)`` per pool row (see :data:`DIAGNOSTICS`).
+
+  ``theta_fit``: ``fit_steps`` steps on the cycled validation batches with uniform weights, exactly
+  the fitting of ``likelihood_ratio`` (same optimizer settings and batch order). Returns the scores
+  and the exact ``likelihood_ratio`` scores ``l_i(theta_0) - l_i(theta_fit)`` (for comparison).
+  """
+  lr_cls = hypergrad.ESTIMATORS["likelihood_ratio"]
+  defaults = {f.name: f.default for f in dataclasses.fields(lr_cls)}
+  opt = sft.sgd_or_adam(kw.get("fit_optimizer", defaults["fit_optimizer"]),
+                        kw.get("fit_lr", defaults["fit_lr"]))
+  vb = batches_of(va, vbs)
+  step = sft.make_inner_step(m.loss_fn, opt)
+  fit = jax.tree.map(jnp.copy, m.trainable)
+  opt_state = opt.init(fit)
+  for t in range(kw.get("fit_steps", defaults["fit_steps"])):
+    b = vb[t % len(vb)]
+    fit, opt_state, _ = step(fit, m.frozen, opt_state, b, np.ones(vbs, np.float32))
+  d = jax.tree.map(jnp.subtract, m.trainable, fit)
+  dots = jax.jit(lambda p, fz, b, d: hypergrad.directional_losses(m.loss_fn, p, fz, b, d))
+  scores = np.concatenate([np.asarray(dots(m.trainable, m.frozen, b, d))[b["index"] >= 0]
+                           for b in batches_of(pa, bs)])
+  start, fitted = per_example_losses(m, m.trainable, pa, bs), per_example_losses(m, fit, pa, bs)
+  return scores, {"exact_ratio": start - fitted, "fit_loss": fitted}
+
+
 def make_estimator(name: str, s: dict, kw: dict, n: int):
   fields = {f.name for f in dataclasses.fields(hypergrad.ESTIMATORS[name])}
   kwargs = {k: v for k, v in kw.items() if k in fields}
@@ -399,7 +433,16 @@ def study(pool_name: str, seeds, methods, s: dict, kw: dict, out: pathlib.Path, 
     cache: dict = {}
     for method in todo:
       t = time.time()
-      if method in BASELINES:
+      if method in DIAGNOSTICS:
+        scores, extra = fit_alignment(m, data.pool_arrays, data.val_arrays, s["batch_size"],
+                                      s["val_batch_size"], kw)
+        exact = extra["exact_ratio"]
+        res = {**quality(scores, data.is_bad), "wall_s": round(time.time() - t, 2),
+               "exact_ratio_auroc": quality(exact, data.is_bad)["auroc"],
+               "corr_with_exact": round(float(np.corrcoef(scores, exact)[0, 1]), 4),
+               # the raw loss under the fitted copy (lower kept): what a raw-loss score would see
+               "fit_loss_auroc": quality(-extra["fit_loss"], data.is_bad)["auroc"]}
+      elif method in BASELINES:
         scores, secs = baseline_score(method, data, m, s, seed, cache)
         res = {**quality(scores, data.is_bad), "wall_s": round(secs, 2)}
         if method == "length":
@@ -522,9 +565,10 @@ def main(argv=None):
   methods = []
   for mt in a.methods.split(","):
     methods += list(BASELINES) if mt == "baselines" else [mt]
-  bad = [mt for mt in methods if mt not in BASELINES + ESTIMATORS]
+  bad = [mt for mt in methods if mt not in BASELINES + ESTIMATORS + DIAGNOSTICS]
   if bad:
-    raise SystemExit(f"--methods: unknown {bad}; valid: baselines, {BASELINES + ESTIMATORS}")
+    raise SystemExit(f"--methods: unknown {bad}; valid: baselines, "
+                     f"{BASELINES + ESTIMATORS + DIAGNOSTICS}")
   from bilevel_jax.model import load
   loader = lambda: load.load_smollm2()  # noqa: E731
   for pool_name in a.pools.split(","):

@@ -155,3 +155,15 @@ def test_by_kind_scores_each_corruption_against_all_good_pairs():
   data = study_mod.StudyData(recs, [], {}, {}, np.array([False, False, True, True]), {})
   out = study_mod.by_kind(np.array([1.0, 0.5, 0.0, 0.7]), data)
   assert out == {"swap": {"n": 1, "auroc": 1.0}, "wrong_number": {"n": 1, "auroc": 0.5}}
+
+
+def test_fit_alignment_is_the_first_order_likelihood_ratio(tmp_path):
+  """The diagnostic row: scores correlate with the exact ratio; ``baselines`` does not include it."""
+  model_loader, data_loader = _loaders()
+  assert "fit_alignment" not in study_mod.BASELINES
+  kw = {"fit_steps": 2, "fit_optimizer": "sgd", "fit_lr": 1e-3}
+  (row,) = study_mod.study("syn", [0], ["fit_alignment"], _settings(), kw, tmp_path / "r.jsonl",
+                           "t", model_loader, data_loader)
+  assert len(row["scores"]) == 16 and 0.0 <= row["exact_ratio_auroc"] <= 1.0
+  assert row["corr_with_exact"] > 0.99, row  # a small step: first order is nearly exact
+  assert 0.0 <= row["fit_loss_auroc"] <= 1.0
