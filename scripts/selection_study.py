@@ -323,7 +323,8 @@ def fit_alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int, kw: dict
 
   ``theta_fit``: ``fit_steps`` steps on the cycled validation batches with uniform weights, exactly
   the fitting of ``likelihood_ratio`` (same optimizer settings and batch order). Returns the scores
-  and the exact ``likelihood_ratio`` scores ``l_i(theta_0) - l_i(theta_fit)`` (for comparison).
+  and ``{"exact_ratio": l_i(theta_0) - l_i(theta_fit), "fit_loss": l_i(theta_fit)}`` (the exact
+  ``likelihood_ratio`` score and the raw loss under the fitted copy, for comparison).
   """
   lr_cls = hypergrad.ESTIMATORS["likelihood_ratio"]
   defaults = {f.name: f.default for f in dataclasses.fields(lr_cls)}
@@ -527,6 +528,41 @@ def compact(path: pathlib.Path, tags: list[str] | None = None, field: str = "aur
   return "\n".join(lines)
 
 
+def changes_table(path: pathlib.Path, tags: list[str] | None, ref_tag: str = "main") -> str:
+  """A Markdown table, one line per row of ``tags``: what differs from the ``ref_tag`` settings.
+
+  The reference is the settings and ``kw`` of the first ``ref_tag`` row of the same pool (the
+  ``main`` rows share them); ``kw`` fields the method does not have are not listed.
+  """
+  all_rows = read_rows(path, None)
+  ref = {}
+  for r in all_rows:
+    if r["tag"] == ref_tag:
+      ref.setdefault(r["pool"], (r["settings"], r["kw"]))
+  lines = ["| pool | method | seed | changed | AUROC | best AUROC (step) | precision | median step s "
+           "| wall s | load | notes |", "|" + "---|" * 11]
+  for r in read_rows(path, tags):
+    s_ref, kw_ref = ref.get(r["pool"], ({}, {}))
+    ch = [f"{k}={v}" for k, v in r["settings"].items() if s_ref.get(k) != v]
+    if r["method"] in ESTIMATORS:
+      fields = {f.name for f in dataclasses.fields(hypergrad.ESTIMATORS[r["method"]])}
+    else:
+      fields = {"fit_optimizer", "fit_lr", "fit_steps"} if r["method"] in DIAGNOSTICS else set()
+    ch += [f"{k}={v}" for k, v in r["kw"].items() if k in fields and kw_ref.get(k) != v]
+    best = "-"
+    if "curve" in r:
+      step = next(c[0] for c in r["curve"] if c[2] == r["best_auroc"])
+      best = f"{r['best_auroc']:.3f} ({step})"
+    notes = ""
+    if "exact_ratio_auroc" in r:
+      notes = (f"exact ratio {r['exact_ratio_auroc']:.3f}, corr {r['corr_with_exact']:.2f}, "
+               f"raw loss at fit {r['fit_loss_auroc']:.3f}")
+    lines.append(f"| {r['pool']} | {r['method']} | {r['seed']} | {', '.join(ch) or 'none'} | "
+                 f"{r['auroc']:.3f} | {best} | {r['precision']:.3f} | "
+                 f"{r.get('median_step_s') or '-'} | {r['wall_s']:.0f} | {r['load']:.1f} | {notes} |")
+  return "\n".join(lines)
+
+
 def parse_value(v: str):
   try:
     return json.loads(v)
@@ -549,11 +585,16 @@ def main(argv=None):
   ap.add_argument("--compact", default="",
                   help="with --summarize: a method x pool table of this row field (auroc, "
                        "precision, best_auroc) instead")
+  ap.add_argument("--changes", action="store_true",
+                  help="with --summarize: one line per row with what differs from the main rows")
   a = ap.parse_args(argv)
   if a.summarize:
     tags = a.tag.split(",") if a.tag != "all" else None
-    print(compact(pathlib.Path(a.out), tags, a.compact) if a.compact else
-          summarize(pathlib.Path(a.out), tags))
+    if a.changes:
+      print(changes_table(pathlib.Path(a.out), tags))
+    else:
+      print(compact(pathlib.Path(a.out), tags, a.compact) if a.compact else
+            summarize(pathlib.Path(a.out), tags))
     return
   s = dict(DEFAULTS)
   for item in a.set:

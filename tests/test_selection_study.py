@@ -167,3 +167,18 @@ def test_fit_alignment_is_the_first_order_likelihood_ratio(tmp_path):
   assert len(row["scores"]) == 16 and 0.0 <= row["exact_ratio_auroc"] <= 1.0
   assert row["corr_with_exact"] > 0.99, row  # a small step: first order is nearly exact
   assert 0.0 <= row["fit_loss_auroc"] <= 1.0
+
+
+def test_changes_table_lists_what_differs_from_the_main_rows(tmp_path):
+  out = tmp_path / "rows.jsonl"
+  base = {"pool": "x", "seed": 0, "auroc": 0.5, "precision": 0.5, "wall_s": 3.0, "load": 1.0,
+          "settings": {"steps": 40, "inner_opt": "sgd"}, "kw": {"fit_lr": 1e-4}}
+  rows = [{**base, "tag": "main", "method": "penalty"},
+          {**base, "tag": "abl", "method": "penalty", "settings": {"steps": 160, "inner_opt": "sgd"},
+           "curve": [[1, 1.0, 0.5], [2, 2.0, 0.6]], "best_auroc": 0.6, "median_step_s": 1.0},
+          {**base, "tag": "abl", "method": "likelihood_ratio", "kw": {"fit_lr": 1e-2}}]
+  out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  lines = study_mod.changes_table(out, ["abl"]).splitlines()
+  assert len(lines) == 4
+  assert "| penalty | 0 | steps=160 | 0.500 | 0.600 (2) |" in lines[2]
+  assert "| likelihood_ratio | 0 | fit_lr=0.01 |" in lines[3]  # penalty has no fit_lr: not listed
