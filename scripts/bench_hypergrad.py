@@ -45,6 +45,7 @@ K_MAX = 4         # train batches prepared; logits cover B * K_MAX rows
 NUM_LOGITS = BATCH * K_MAX
 # label -> (estimator name, settings, initial estimator step). likelihood_ratio runs one branch of a
 # lax.cond per call: fitting for its first fit_steps calls, scoring after; both are timed.
+LAYER_REMAT = "_layer_remat"  # a settings key of the bench, not of the estimator
 CONFIGS: dict[str, tuple[str, dict, int]] = {
     "unroll K=1": ("unroll", {"k": 1}, 0),
     "unroll K=2": ("unroll", {"k": 2}, 0),
@@ -55,11 +56,30 @@ CONFIGS: dict[str, tuple[str, dict, int]] = {
     "one_step": ("one_step", {"lr": INNER_LR}, 0),
     "likelihood_ratio (fit)": ("likelihood_ratio", {"fit_steps": 30}, 0),
     "likelihood_ratio (score)": ("likelihood_ratio", {"fit_steps": 30}, 30),
-    # Opt-in (``--only``): the scanned inner step without jax.checkpoint, to see what the
-    # recomputation of ``nothing_saveable`` costs at K >= 2.
+    # Opt-in (``--only``), for the profile of ``unroll`` (docs/benchmarks.md): the scanned inner
+    # step without jax.checkpoint, other remat policies, the first step left in the scan
+    # (``peel_first=False``, the layout before the profile) and an unrolled scan.
     "unroll K=2 (no remat)": ("unroll", {"k": 2, "remat_policy": None}, 0),
 }
-DEFAULT_LABELS = [label for label in CONFIGS if "no remat" not in label]
+_OPT_IN = {"no peel": {"peel_first": False}, "peel": {"peel_first": True},
+           "no remat": {"remat_policy": None},
+           "dots_saveable": {"remat_policy": "dots_saveable"},
+           "dots_no_batch": {"remat_policy": "dots_with_no_batch_dims_saveable"},
+           "scan unroll": {"scan_unroll": True},
+           # per-layer jax.checkpoint in the model for this estimator only (the SFT step it
+           # alternates with keeps the worker's setting)
+           "layer remat": {LAYER_REMAT: True}}
+for _k in (1, 2, 4):
+  for _name in ("no peel", "peel", "peel+no remat", "peel+dots_saveable", "peel+dots_no_batch",
+                "peel+scan unroll", "no peel+dots_no_batch", "peel+layer remat",
+                "peel+layer remat+dots_no_batch", "no peel+layer remat"):
+    _settings = {"k": _k}
+    for _part in _name.split("+"):
+      _settings.update(_OPT_IN[_part])
+    CONFIGS.setdefault(f"unroll K={_k} ({_name})", ("unroll", _settings, 0))
+DEFAULT_LABELS = ["unroll K=1", "unroll K=2", "unroll K=4", "penalty", "penalty_vf (T=1)",
+                  "implicit (cg, 5 iters)", "one_step", "likelihood_ratio (fit)",
+                  "likelihood_ratio (score)"]
 # Rough resident-memory needs (GB) used to decide whether a run may start (measured ones replace
 # these in the doc). torch.func keeps every step's graph for the double backward: the LoRA K=1 step
 # was seen at 7.3 GB resident, so about 6 GB per unrolled step on top of the model.
@@ -108,6 +128,8 @@ def jax_worker(kind: str, layer_remat: bool) -> None:
   optimizer = sft.sgd_or_adam("sgd", INNER_LR)
   loss_fn = sft.make_loss_fn(lora.make_logits_fn(spec, cfg))
   problem = hypergrad.Problem(loss_fn, optimizer)
+  problems = {layer_remat: problem, not layer_remat: hypergrad.Problem(
+      sft.make_loss_fn(lora.make_logits_fn(spec, cfg.replace(remat=not layer_remat))), optimizer)}
   data = jax.tree.map(jnp.asarray, batches_np(K_MAX, cfg.vocab_size))
   key = jax.random.key(0)
   trainable_bytes = sum(x.nbytes for x in jax.tree.leaves(trainable))
@@ -141,20 +163,22 @@ def jax_worker(kind: str, layer_remat: bool) -> None:
 
   def prepare(label: str) -> dict:
     name, settings, start_step = CONFIGS[label]
+    settings = dict(settings)
+    prob = problems[settings.pop(LAYER_REMAT, layer_remat)]
     est = hypergrad.make_estimator(name, **settings)
     logit_opt = select.default_logit_optimizer(est)
-    state = select.init_state(problem, est, trainable, NUM_LOGITS, logit_opt)
+    state = select.init_state(prob, est, trainable, NUM_LOGITS, logit_opt)
     if start_step:
       state = state._replace(est=state.est._replace(step=jnp.asarray(start_step, jnp.int32)))
     batches = {"train": jax.tree.map(lambda x: x[:est.train_batches], data["train"]),
                "val": data["val"]}
     compile_s = 0.0
-    if est not in compiled_cache:
+    if (est, prob) not in compiled_cache:
       t = time.perf_counter()
-      compiled_cache[est] = select.make_outer_step(problem, est, logit_opt).lower(
+      compiled_cache[(est, prob)] = select.make_outer_step(prob, est, logit_opt).lower(
           state, frozen, batches, key).compile()
       compile_s = time.perf_counter() - t
-    compiled = compiled_cache[est]
+    compiled = compiled_cache[(est, prob)]
     live[label] = {"state": state, "compiled": compiled, "batches": batches}
     first = run_config(label)  # warm-up: allocations, thread pools
     bc.reset_peak_rss()
@@ -502,7 +526,9 @@ SmolLM2-135M-Instruct (real weights), f32, B={BATCH}, T={SEQ}, inner optimizer S
 logits optimizer Adam (`select.make_outer_step`, donated state), LoRA rank {LORA_RANK} on every
 projection of every layer, or full fine-tuning; per-layer remat of the model
 {'on' if results['_layer_remat'] else 'off'}; `unroll` uses `jax.checkpoint` (`nothing_saveable`) on
-the scanned inner step. Each outer step is timed {rounds} times after one warm-up, each run
+the inner step and, from K=3 on, takes the first step before the scan (`Unroll.peel_first`, see
+"Profile of unroll" below; labels in brackets are opt-in variants). Each outer step is timed
+{rounds} times after one warm-up, each run
 alternating with one plain SFT step (`sft.make_inner_step`, same loss and SGD) so that both see the same
 load; the ratio divides the medians of one block. Memory is `compiled.memory_analysis()` temp +
 argument + output bytes (outputs aliased to donated arguments are counted twice there; the aliased
