@@ -378,6 +378,28 @@ def test_remat_policies_do_not_change_the_gradient():
                                          logits, {}, batches, None)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_unroll_layouts_give_the_same_gradient(x64, k):
+  """Peeling the first step out of the scan and unrolling the scan change no maths (f64)."""
+  train, val, logits = ridge_data(seed=13)
+  problem = hg.Problem(ridge_loss, optax.sgd(0.3))  # Adam's first step barely depends on omega
+  theta = jnp.asarray([0.3, -0.1, 0.2], F64)
+  batches = {"train": stack([train] * k), "val": val}
+  results = []
+  for settings in ({"peel_first": False}, {"peel_first": True}, {},
+                   {"peel_first": True, "scan_unroll": True},
+                   {"peel_first": True, "remat_policy": "dots_with_no_batch_dims_saveable"}):
+    est = hg.Unroll(k=k, **settings)
+    results.append(run(est, problem, est.init(problem, theta), logits, {}, batches))
+  grad0, state0, m0 = results[0]
+  assert np.linalg.norm(grad0) > 1e-3
+  for grad, state, m in results[1:]:
+    np.testing.assert_allclose(grad, grad0, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(state.params, state0.params, rtol=1e-12)
+    for key in ("val_loss", "train_loss", "train_nll"):
+      np.testing.assert_allclose(m[key], m0[key], rtol=1e-12)
+
+
 def test_unroll_truncation_warm_starts_the_inner_state(x64):
   """Two outer calls advance the inner model exactly as 2K plain steps would."""
   train, val, logits = ridge_data(seed=10)
