@@ -361,6 +361,40 @@ def test_likelihood_ratio_fits_then_assigns_scores(x64):
   np.testing.assert_array_equal(new_logits[others], np.asarray(logits)[others])
 
 
+@pytest.mark.parametrize("fit_lr", [0.2, 1e-4])
+def test_likelihood_ratio_linear_score_is_the_first_order_ratio(x64, fit_lr):
+  """``score="linear"`` assigns ``grad l_i(theta0) . (theta0 - theta_fit)`` (ridge closed form);
+  for a tiny fitting step it agrees with the exact ratio to first order, for a large one it does not."""
+  train, val, logits = ridge_data(seed=11)
+  problem = hg.Problem(ridge_loss, optax.sgd(0.1))
+  theta0 = jnp.asarray([0.3, -0.1, 0.2], F64)
+  batch = padded_ridge_batch(train, [0, 2, 5, -1])
+  batches = {"train": stack([batch]), "val": val}
+  out = {}
+  for score in ("ratio", "linear"):
+    est = hg.LikelihoodRatio(fit_steps=2, fit_optimizer="sgd", fit_lr=fit_lr, score=score)
+    state = est.init(problem, theta0)
+    for _ in range(3):  # two fitting calls, then the scoring call
+      grad, state, _ = run(est, problem, state, logits, {}, batches)
+    out[score] = np.asarray(logits - grad)
+  xv, yv = np.asarray(val["x"]), np.asarray(val["y"])
+  fit = np.asarray(theta0)
+  for _ in range(2):
+    fit = fit - fit_lr * (xv.T @ (xv @ fit - yv) / len(yv) + MU * fit)
+  x, y, t0 = np.asarray(train["x"]), np.asarray(train["y"]), np.asarray(theta0)
+  per_row_grad = (x @ t0 - y)[:, None] * x + MU * t0  # d l_i / d theta at theta0, [n, d]
+  rows = np.array([0, 2, 5])
+  linear = per_row_grad[rows] @ (t0 - fit)
+  np.testing.assert_allclose(out["linear"][rows], linear, rtol=1e-10)
+  exact = out["ratio"][rows]
+  if fit_lr < 1e-3:  # second-order remainder ~ |theta0 - fit|^2, relative ~ fit_lr
+    np.testing.assert_allclose(linear, exact, rtol=1e-3)
+  else:
+    assert np.max(np.abs(linear - exact)) > 1e-3 * np.max(np.abs(exact))
+  with pytest.raises(ValueError, match="score"):
+    hg.LikelihoodRatio(score="bogus")
+
+
 def test_remat_policies_do_not_change_the_gradient():
   train, val, logits = ridge_data(seed=9, dtype=jnp.float32)
   problem = hg.Problem(ridge_loss, sft.sgd_or_adam("adam", 0.05))
