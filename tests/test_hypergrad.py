@@ -285,6 +285,38 @@ def test_penalty_model_step_and_weight_gradient(x64):
   np.testing.assert_allclose(grad, softmax_n_jacobian(logits).T @ dl_dp, rtol=1e-10, atol=1e-15)
 
 
+def test_penalty_loss_change_weight_score(x64):
+  """``weight_score="loss_change"``: same model step, weight step on ``l_i(theta_t) - l_i(theta_0)``
+  with ``theta_0`` the params the estimator started from (ridge closed form, two outer calls)."""
+  train, val, logits = ridge_data(seed=7)
+  lr = 0.2
+  problem = hg.Problem(ridge_loss, optax.sgd(lr))
+  theta0 = jnp.asarray([0.3, -0.1, 0.2], F64)
+  batch = padded_ridge_batch(train, [1, 3, 4, -1])
+  batches = {"train": stack([batch]), "val": val}
+  plain, change = hg.Penalty(lam_init=0.8), hg.Penalty(lam_init=0.8, weight_score="loss_change")
+  s_plain, s_change = plain.init(problem, theta0), change.init(problem, theta0)
+  for _ in range(2):
+    g_plain, s_plain, _ = run(plain, problem, s_plain, logits, {}, batches)
+    g_change, s_change, _ = run(change, problem, s_change, logits, {}, batches)
+  np.testing.assert_allclose(s_change.params, s_plain.params, rtol=1e-12)  # model step unchanged
+  x, y = np.asarray(train["x"]), np.asarray(train["y"])
+
+  def losses(t):
+    return 0.5 * (x @ t - y) ** 2 + 0.5 * MU * t @ t
+
+  # The second call's weight step uses the losses before its model step: theta after one step.
+  theta1 = np.asarray(plain(problem, plain.init(problem, theta0), logits, {}, batches, None)[1].params)
+  rows = np.array([1, 3, 4])
+  dl_dp = np.zeros(len(logits))
+  dl_dp[rows] = (losses(theta1) - losses(np.asarray(theta0)))[rows] / len(rows)
+  np.testing.assert_allclose(g_change, softmax_n_jacobian(logits).T @ dl_dp, rtol=1e-10, atol=1e-15)
+  assert np.max(np.abs(g_change - g_plain)) > 1e-3  # the starting losses are not a constant shift
+  np.testing.assert_allclose(s_change.extra["start_params"], theta0)
+  with pytest.raises(ValueError, match="weight_score"):
+    hg.Penalty(weight_score="bogus")
+
+
 def test_penalty_lambda_schedule():
   est = hg.Penalty(lam_init=1.0, lam_decay=0.3, decay_every=4, lam_min=0.05)
   lams = [float(est.lam(jnp.asarray(s))) for s in (0, 3, 4, 8, 12, 100)]
