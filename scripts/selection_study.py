@@ -317,6 +317,24 @@ def alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int) -> np.ndarra
                          for b in batches_of(pa, bs)])
 
 
+def fit_on_validation(m: StudyModel, va: dict, vbs: int, opt, steps: int,
+                      mask_padding: bool = False):
+  """A copy of ``m.trainable`` after ``steps`` steps of ``opt`` on the validation batches in order.
+
+  The rows that pad the last batch get weight 1 like ``likelihood_ratio``'s fit (they repeat
+  row 0) unless ``mask_padding`` (weight 0; ``token_scores.py`` and ``warm_start_study.py`` rows
+  were measured that way).
+  """
+  step = sft.make_inner_step(m.loss_fn, opt, donate=False)
+  fit, opt_state = m.trainable, opt.init(m.trainable)
+  vb = batches_of(va, vbs)
+  for t in range(steps):
+    b = vb[t % len(vb)]
+    w = (b["index"] >= 0) if mask_padding else np.ones(vbs, bool)
+    fit, opt_state, _ = step(fit, m.frozen, opt_state, b, w.astype(np.float32))
+  return fit
+
+
 def fit_alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int, kw: dict
                   ) -> tuple[np.ndarray, dict]:
   """``grad l_i(theta_0) . (theta_0 - theta_fit)`` per pool row (see :data:`DIAGNOSTICS`).
@@ -330,16 +348,10 @@ def fit_alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int, kw: dict
   defaults = {f.name: f.default for f in dataclasses.fields(lr_cls)}
   opt = sft.sgd_or_adam(kw.get("fit_optimizer", defaults["fit_optimizer"]),
                         kw.get("fit_lr", defaults["fit_lr"]))
-  vb = batches_of(va, vbs)
-  step = sft.make_inner_step(m.loss_fn, opt)
-  fit = jax.tree.map(jnp.copy, m.trainable)
-  opt_state = opt.init(fit)
-  for t in range(kw.get("fit_steps", defaults["fit_steps"])):
-    b = vb[t % len(vb)]
-    fit, opt_state, _ = step(fit, m.frozen, opt_state, b, np.ones(vbs, np.float32))
-  d = jax.tree.map(jnp.subtract, m.trainable, fit)
-  dots = jax.jit(lambda p, fz, b, d: hypergrad.directional_losses(m.loss_fn, p, fz, b, d))
-  scores = np.concatenate([np.asarray(dots(m.trainable, m.frozen, b, d))[b["index"] >= 0]
+  fit = fit_on_validation(m, va, vbs, opt, kw.get("fit_steps", defaults["fit_steps"]))
+  dots = jax.jit(lambda p, fz, b, f: hypergrad.likelihood_ratio_scores(m.loss_fn, p, f, fz, b,
+                                                                      score="linear"))
+  scores = np.concatenate([np.asarray(dots(m.trainable, m.frozen, b, fit))[b["index"] >= 0]
                            for b in batches_of(pa, bs)])
   start, fitted = per_example_losses(m, m.trainable, pa, bs), per_example_losses(m, fit, pa, bs)
   return scores, {"exact_ratio": start - fitted, "fit_loss": fitted}

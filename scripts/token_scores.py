@@ -70,18 +70,6 @@ def token_logprobs(m: ss.StudyModel, params, arrays: dict, batch_size: int) -> n
                          for b in ss.batches_of(arrays, batch_size)])
 
 
-def fit_on_validation(m: ss.StudyModel, val_arrays: dict, steps: int, batch_size: int):
-  """``likelihood_ratio``'s fitted copy: Adam (lr 1e-4) over the validation batches in order."""
-  opt = sft.sgd_or_adam("adam", 1e-4)
-  step = sft.make_inner_step(m.loss_fn, opt, donate=False)
-  params, state = m.trainable, opt.init(m.trainable)
-  vb = ss.batches_of(val_arrays, batch_size)
-  for t in range(steps):
-    b = vb[t % len(vb)]
-    params, state, _ = step(params, m.frozen, state, b, (b["index"] >= 0).astype(np.float32))
-  return params
-
-
 def score_pool(pool: str, seed: int, fit_steps: int, model, s: dict) -> dict:
   cfg, params, tok = model
   t0 = time.time()
@@ -92,8 +80,9 @@ def score_pool(pool: str, seed: int, fit_steps: int, model, s: dict) -> dict:
   base = token_logprobs(m, m.trainable, pa, s["batch_size"])
   per_token = {"base": base}
   if fit_steps:
-    fit = token_logprobs(m, fit_on_validation(m, va, fit_steps, s["val_batch_size"]), pa,
-                         s["batch_size"])
+    fitted = ss.fit_on_validation(m, va, s["val_batch_size"], sft.sgd_or_adam("adam", 1e-4),
+                                  fit_steps, mask_padding=True)
+    fit = token_logprobs(m, fitted, pa, s["batch_size"])
     per_token.update(fit=fit, lr=fit - base)
   row = {"pool": pool, "seed": seed, "n": int(len(good)), "n_bad": int(data.is_bad.sum()),
          "fit_steps": fit_steps}

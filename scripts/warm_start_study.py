@@ -23,7 +23,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import selection_study as ss  # noqa: E402
 from bilevel_jax.core import sft  # noqa: E402
@@ -36,13 +35,8 @@ def run_from_fitted(name, data, m, s, kw, seed):
   n_fit = s.get("warm_fit_steps", 0)
   if n_fit:
     t0 = time.time()
-    opt = sft.sgd_or_adam("adam", 1e-4)
-    step = sft.make_inner_step(m.loss_fn, opt, donate=False)
-    fit, state = m.trainable, opt.init(m.trainable)
-    vb = ss.batches_of(data.val_arrays, s["val_batch_size"])
-    for t in range(n_fit):
-      b = vb[t % len(vb)]
-      fit, state, _ = step(fit, m.frozen, state, b, (b["index"] >= 0).astype(np.float32))
+    fit = ss.fit_on_validation(m, data.val_arrays, s["val_batch_size"],
+                               sft.sgd_or_adam("adam", 1e-4), n_fit, mask_padding=True)
     jax.block_until_ready(fit)
     print(f"warm start: {n_fit} Adam steps on validation in {time.time() - t0:.0f}s", flush=True)
     m = dataclasses.replace(m, trainable=fit)
