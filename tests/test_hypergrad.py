@@ -364,7 +364,8 @@ def test_penalty_vf_identities(x64):
 def test_likelihood_ratio_fits_then_assigns_scores(x64):
   train, val, logits = ridge_data(seed=8)
   problem = hg.Problem(ridge_loss, optax.sgd(0.1))
-  est = hg.LikelihoodRatio(fit_steps=3, temperature=0.5, fit_optimizer="sgd", fit_lr=0.2)
+  est = hg.LikelihoodRatio(fit_steps=3, temperature=0.5, fit_optimizer="sgd", fit_lr=0.2,
+                           score="ratio")
   theta0 = jnp.asarray([0.3, -0.1, 0.2], F64)
   batch = padded_ridge_batch(train, [1, 3, -1, 6])
   batches = {"train": stack([batch]), "val": val}

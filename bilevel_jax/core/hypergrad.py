@@ -583,21 +583,22 @@ class LikelihoodRatio(Estimator):
   source). The first ``fit_steps`` calls each take one step of a copy of the model on the validation
   batch (uniform weights; ``fit_optimizer``/``fit_lr``, Adam at 1e-4 by default, or the inner
   optimizer when ``fit_optimizer`` is None) and return a zero gradient. Later calls score the train rows by
-  ``s_i = mean_t log pi_fit(y_it) - mean_t log pi_start(y_it)`` (:func:`likelihood_ratio_scores`),
-  where ``start`` is ``state.params``, left untouched, and return ``grad = omega_rows - s / temperature``
-  on the scored rows (0 elsewhere): the gradient of ``0.5 * ||omega_rows - s / T||^2``, so one SGD
+  ``s_i`` (:func:`likelihood_ratio_scores`; ``score="ratio"``: the exact log-ratio
+  ``s_i = mean_t log pi_fit(y_it) - mean_t log pi_start(y_it)``, ``score="linear"``, the default: its
+  first-order part, below), where ``start`` is ``state.params``, left untouched, and return
+  ``grad = omega_rows - s / temperature`` on the scored rows (0 elsewhere): the gradient of ``0.5 * ||omega_rows - s / T||^2``, so one SGD
   step of size 1 sets those logits to ``s / T`` and ``softmax_n`` gives ``p = N softmax(s / T)``
   (``closed_form = True``: the driver uses ``sgd(1)``). Scoring is idempotent across epochs.
 
   State ``extra``: ``fit_params``, ``fit_opt_state``. Extra metrics: ``fitting`` (1 while fitting),
   ``fit_val_loss``, ``score_mean``.
 
-  ``score="linear"`` replaces ``s_i`` by its first-order part ``grad l_i(start) . (start - fit)``:
+  ``score="linear"`` replaces the exact ratio by its first-order part ``grad l_i(start) . (start - fit)``:
   the alignment of each pair's gradient with the whole validation-fitted displacement rather than
   with one validation gradient (``one_step``). On the real `safety_matched` pool it scored AUROC
   0.998 / 0.974 / 0.980 on seeds 0-2 against 0.948 / 0.916 / 0.939 for ``"ratio"``
-  (docs/selection_study.md), and on seed 0 of `quality` / `math` 0.588 / 0.496 against 0.596 / 0.484.
-  ``"ratio"`` stays the default because the demo's fine-tuning results were measured with it.
+  (docs/selection_study.md), and on seed 0 of `quality` / `math` 0.588 / 0.496 against 0.596 / 0.484,
+  so ``"linear"`` is the default; ``"ratio"`` is the exact log-ratio above.
   """
 
   name: ClassVar[str] = "likelihood_ratio"
@@ -608,7 +609,7 @@ class LikelihoodRatio(Estimator):
   # reached 0.68 in the same 30 fitting steps (docs/selection_study.md).
   fit_optimizer: str | None = "adam"
   fit_lr: float = 1e-4
-  score: str = "ratio"  # or "linear" (first-order; see the class docstring)
+  score: str = "linear"  # or "ratio" (the exact log-ratio; see the class docstring)
 
   def __post_init__(self):
     if self.score not in ("ratio", "linear"):
