@@ -50,7 +50,13 @@ BASELINES = ("length", "base_loss", "loss_change", "alignment", "random")
 # (``--kw fit_optimizer/fit_lr/fit_steps``, its defaults otherwise). With an SGD fit the direction is
 # a sum of raw validation gradients (the ``alignment``/``one_step`` direction); with Adam it is
 # preconditioned, so the pair of rows tests whether the preconditioning carries the signal.
-DIAGNOSTICS = ("fit_alignment",)
+# ``influence_alignment``: ``grad l_i(theta_0) . v`` with ``(H + damping I) v = grad f(theta_0)``
+# solved by ``--kw iters`` CG iterations (``--kw damping``, :data:`INFLUENCE_DEFAULTS` otherwise),
+# ``H`` the Hessian of the uniform pool loss over the whole pool and ``f`` the whole validation set:
+# the score ``implicit`` targets (its hypergradient is ``-grad l_i . v / B``), solved at the start
+# on full sets instead of one 8-row batch per outer step.
+DIAGNOSTICS = ("fit_alignment", "influence_alignment")
+INFLUENCE_DEFAULTS = {"iters": 20, "damping": 0.1}
 MAX_LEN = {"safety_matched": 96, "safety_matched_easy": 96, "safety": 128, "quality": 128,
            "quality_easy": 128, "math": 192}
 
@@ -357,6 +363,65 @@ def fit_alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int, kw: dict
   return scores, {"exact_ratio": start - fitted, "fit_loss": fitted}
 
 
+def influence_alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int, kw: dict
+                        ) -> tuple[np.ndarray, dict]:
+  """``grad l_i(theta_0) . v``, ``(H + damping I) v = grad f`` by CG (see :data:`DIAGNOSTICS`).
+
+  A plain Python CG over jitted per-batch Hessian-vector products (forward over reverse), so the
+  residual of every iteration is recorded. Returns the scores and ``{"residuals": [...]}``
+  (``|(H + damping) v - grad f| / |grad f|`` after each iteration).
+  """
+  iters = int(kw.get("iters", INFLUENCE_DEFAULTS["iters"]))
+  damping = float(kw.get("damping", INFLUENCE_DEFAULTS["damping"]))
+  tree = jax.tree
+  n_pool, n_val = int((pa["index"] >= 0).sum()), int((va["index"] >= 0).sum())
+
+  def row_sum(q, fz, b):
+    return jnp.sum(m.loss_fn(q, fz, b) * (b["index"] >= 0))
+
+  grad_sum = jax.jit(lambda p, fz, b: jax.grad(row_sum)(p, fz, b))
+  hvp_sum = jax.jit(lambda p, fz, b, v: jax.jvp(lambda q: jax.grad(row_sum)(q, fz, b),
+                                                 (p,), (v,))[1])
+  pool_b, val_b = batches_of(pa, bs), batches_of(va, vbs)
+
+  def total(fn, batches, scale):
+    acc = None
+    for b in batches:
+      x = fn(b)
+      acc = x if acc is None else tree.map(jnp.add, acc, x)
+    return tree.map(lambda a: a * scale, acc)
+
+  def matvec(v):
+    hv = total(lambda b: hvp_sum(m.trainable, m.frozen, b, v), pool_b, 1.0 / n_pool)
+    return tree.map(lambda a, x: a + damping * x, hv, v)
+
+  def dot(a, b):
+    return float(sum(jnp.vdot(x, y) for x, y in zip(tree.leaves(a), tree.leaves(b))))
+
+  g = total(lambda b: grad_sum(m.trainable, m.frozen, b), val_b, 1.0 / n_val)
+  g_norm = dot(g, g) ** 0.5
+  v = tree.map(jnp.zeros_like, g)
+  r, d = g, g
+  rr, residuals = dot(g, g), []
+  for _ in range(iters):
+    ad = matvec(d)
+    curv = dot(d, ad)
+    if curv <= 0:  # H + damping is not positive definite along d: CG cannot go on
+      residuals.append(float("nan"))
+      break
+    alpha = rr / curv
+    v = tree.map(lambda x, y: x + alpha * y, v, d)
+    r = tree.map(lambda x, y: x - alpha * y, r, ad)
+    rr_new = dot(r, r)
+    residuals.append(round(rr_new ** 0.5 / g_norm, 5))
+    d = tree.map(lambda x, y: x + (rr_new / rr) * y, r, d)
+    rr = rr_new
+  dots = jax.jit(lambda p, fz, b, u: hypergrad.directional_losses(m.loss_fn, p, fz, b, u))
+  scores = np.concatenate([np.asarray(dots(m.trainable, m.frozen, b, v))[b["index"] >= 0]
+                           for b in pool_b])
+  return scores, {"residuals": residuals, "iters": iters, "damping": damping}
+
+
 def make_estimator(name: str, s: dict, kw: dict, n: int):
   fields = {f.name for f in dataclasses.fields(hypergrad.ESTIMATORS[name])}
   kwargs = {k: v for k, v in kw.items() if k in fields}
@@ -398,7 +463,11 @@ def run_estimator(name: str, data: StudyData, m: StudyModel, s: dict, kw: dict, 
   reach = next((c for c in curve if c[2] >= 0.9), None)
   step_times = np.diff([0.0] + times)
   last = result.metrics[-1] if result.metrics else {}
-  return {**q, "wall_s": round(wall, 2), "steps": steps, "kwargs": kwargs,
+  # Every field of the estimator as run, so a row stays readable when a library default changes
+  # (likelihood_ratio's score became "linear"; rows without "estimator" ran with "ratio").
+  fields = {k: v for k, v in dataclasses.asdict(est).items()
+            if isinstance(v, (int, float, str, bool, type(None)))}
+  return {**q, "wall_s": round(wall, 2), "steps": steps, "kwargs": kwargs, "estimator": fields,
           "first_step_s": round(float(step_times[0]), 2),
           "median_step_s": round(float(np.median(step_times[1:])), 3) if steps > 1 else None,
           "best_auroc": max(c[2] for c in curve), "time_to_090_s": reach[1] if reach else None,
@@ -410,6 +479,10 @@ def run_estimator(name: str, data: StudyData, m: StudyModel, s: dict, kw: dict, 
 
 
 def row_key(pool: str, method: str, seed: int, s: dict, kw: dict) -> str:
+  if method == "likelihood_ratio" and "score" not in kw:
+    # The library default changed from "ratio" to "linear"; the rows keyed without a score ran
+    # "ratio", so a default run must not be mistaken for them.
+    kw = {**kw, "score": hypergrad.LikelihoodRatio.score}
   return json.dumps([pool, method, seed, s, kw], sort_keys=True)
 
 
@@ -446,7 +519,11 @@ def study(pool_name: str, seeds, methods, s: dict, kw: dict, out: pathlib.Path, 
     cache: dict = {}
     for method in todo:
       t = time.time()
-      if method in DIAGNOSTICS:
+      if method == "influence_alignment":
+        scores, extra = influence_alignment(m, data.pool_arrays, data.val_arrays, s["batch_size"],
+                                            s["val_batch_size"], kw)
+        res = {**quality(scores, data.is_bad), "wall_s": round(time.time() - t, 2), **extra}
+      elif method in DIAGNOSTICS:
         scores, extra = fit_alignment(m, data.pool_arrays, data.val_arrays, s["batch_size"],
                                       s["val_batch_size"], kw)
         exact = extra["exact_ratio"]
@@ -559,13 +636,17 @@ def changes_table(path: pathlib.Path, tags: list[str] | None, ref_tag: str = "ma
     if r["method"] in ESTIMATORS:
       fields = {f.name for f in dataclasses.fields(hypergrad.ESTIMATORS[r["method"]])}
     else:
-      fields = {"fit_optimizer", "fit_lr", "fit_steps"} if r["method"] in DIAGNOSTICS else set()
+      fields = ({"iters", "damping"} if r["method"] == "influence_alignment" else
+                {"fit_optimizer", "fit_lr", "fit_steps"} if r["method"] in DIAGNOSTICS else set())
     ch += [f"{k}={v}" for k, v in r["kw"].items() if k in fields and kw_ref.get(k) != v]
     best = "-"
     if "curve" in r:
       step = next(c[0] for c in r["curve"] if c[2] == r["best_auroc"])
       best = f"{r['best_auroc']:.3f} ({step})"
     notes = ""
+    if "residuals" in r:
+      notes = (f"CG residual {r['residuals'][-1]} after {len(r['residuals'])} iterations, "
+               f"damping {r['damping']}")
     if "exact_ratio_auroc" in r:
       notes = (f"exact ratio {r['exact_ratio_auroc']:.3f}, corr {r['corr_with_exact']:.2f}, "
                f"raw loss at fit {r['fit_loss_auroc']:.3f}")

@@ -182,3 +182,29 @@ def test_changes_table_lists_what_differs_from_the_main_rows(tmp_path):
   assert len(lines) == 4
   assert "| penalty | 0 | steps=160 | 0.500 | 0.600 (2) |" in lines[2]
   assert "| likelihood_ratio | 0 | fit_lr=0.01 |" in lines[3]  # penalty has no fit_lr: not listed
+
+
+def test_influence_alignment_solves_the_damped_system_on_ridge():
+  """On ridge (3 parameters) CG is exact in 3 iterations: scores equal ``grad l_i . v`` with
+  ``v = (H + damping I)^-1 grad f`` from the closed form, in float64; pool padding is ignored."""
+  mu, damping = 0.1, 0.5
+  rng = np.random.default_rng(3)
+  with jax.enable_x64(True):
+    x, y = rng.normal(size=(7, 3)), rng.normal(size=7)
+    xv, yv = rng.normal(size=(5, 3)), rng.normal(size=5)
+    theta = np.array([0.3, -0.2, 0.1])
+
+    def loss_fn(p, frozen, b):
+      del frozen
+      return 0.5 * (b["x"] @ p - b["y"]) ** 2 + 0.5 * mu * p @ p
+
+    m = study_mod.StudyModel(None, None, jax.numpy.asarray(theta), {}, loss_fn)
+    pa = {"x": x, "y": y, "index": np.arange(7)}  # batches of 4: the last one padded
+    va = {"x": xv, "y": yv, "index": np.arange(5)}
+    scores, extra = study_mod.influence_alignment(m, pa, va, 4, 4, {"iters": 3, "damping": damping})
+  h = x.T @ x / 7 + mu * np.eye(3)
+  g = xv.T @ (xv @ theta - yv) / 5 + mu * theta
+  v = np.linalg.solve(h + damping * np.eye(3), g)
+  per_row = (x @ theta - y)[:, None] * x + mu * theta
+  np.testing.assert_allclose(scores, per_row @ v, rtol=1e-10)
+  assert extra["residuals"][-1] < 1e-10 and len(extra["residuals"]) == 3
