@@ -399,6 +399,9 @@ def run(kinds=("lora", "full"), rounds: int = 3, write_docs: bool = True, torch:
   The section is rewritten after every config, so a run cut short keeps its finished rows.
   """
   labels = labels or DEFAULT_LABELS
+  # A run without LoRA (e.g. ``--kinds full`` alone, which needs the machine to itself) writes its
+  # own section, so it does not replace the LoRA table of an earlier run.
+  section = "hypergrad" if "lora" in kinds else "hypergrad-" + "-".join(kinds)
   if torch:
     import subprocess
     subprocess.run(["bash", str(bc.REPO / "scripts" / "setup_torch_env.sh")], check=True)
@@ -429,7 +432,7 @@ def run(kinds=("lora", "full"), rounds: int = 3, write_docs: bool = True, torch:
     def partial(configs, kind=kind):
       if write_docs:
         results[kind] = {"info": info, "configs": configs}
-        bc.update_markdown_section("hypergrad", render(results, rounds))
+        bc.update_markdown_section(section, render(results, rounds))
 
     try:
       print(f"[hypergrad/{kind}] starting JAX worker (load, SFT compile)...", flush=True)
@@ -452,7 +455,7 @@ def run(kinds=("lora", "full"), rounds: int = 3, write_docs: bool = True, torch:
         res[label].update({key: val for key, val in v.items() if key != "info"})
     results[kind] = {"info": info, "configs": res}
   if write_docs:
-    bc.update_markdown_section("hypergrad", render(results, rounds))
+    bc.update_markdown_section(section, render(results, rounds))
   return results
 
 
@@ -520,7 +523,11 @@ def render(results: dict, rounds: int) -> str:
     extra.update({"torch": torch_info.get("torch"), "transformers": torch_info.get("transformers"),
                   "torch attention": torch_info.get("attention")})
   desc = {**results["_machine"], **{k: str(v) for k, v in extra.items()}}
-  return f"""## Hypergradient estimators (`scripts/bench.py hypergrad`)
+  kinds = [k for k in ("lora", "full") if k in results]
+  title = ("Hypergradient estimators (`scripts/bench.py hypergrad`)" if "lora" in kinds else
+           f"Hypergradient estimators, {' and '.join(kinds)} only "
+           f"(`scripts/bench.py hypergrad --kinds {','.join(kinds)}`)")
+  return f"""## {title}
 
 SmolLM2-135M-Instruct (real weights), f32, B={BATCH}, T={SEQ}, inner optimizer SGD (lr {INNER_LR}),
 logits optimizer Adam (`select.make_outer_step`, donated state), LoRA rank {LORA_RANK} on every
