@@ -307,20 +307,32 @@ def baseline_score(name: str, data: StudyData, m: StudyModel, s: dict, seed: int
   return base - per_example_losses(m, params, pa, bs), time.time() - t + base_s
 
 
-def alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int) -> np.ndarray:
-  """``grad l_i . grad f`` at the start (the ``one_step`` score) with ``f`` on all validation."""
-  vb = batches_of(va, vbs)
+def _row_sum(m: StudyModel):
+  """Sum of the per-row losses of a batch, padding rows (index -1) excluded."""
+  return lambda q, fz, b: jnp.sum(m.loss_fn(q, fz, b) * (b["index"] >= 0))
+
+
+def mean_gradient(m: StudyModel, arrays: dict, bs: int):
+  """Gradient of the mean per-row loss over every row of ``arrays`` at ``m.trainable``."""
   # frozen is an argument, never closed over: a closure would bake the embedding into the program.
-  grad_sum = jax.jit(lambda p, fz, b: jax.grad(
-      lambda q: jnp.sum(m.loss_fn(q, fz, b) * (b["index"] >= 0)))(p))
+  grad_sum = jax.jit(jax.grad(_row_sum(m)))
   g = None
-  for b in vb:
+  for b in batches_of(arrays, bs):
     gb = grad_sum(m.trainable, m.frozen, b)
     g = gb if g is None else jax.tree.map(jnp.add, g, gb)
-  g = jax.tree.map(lambda x: x / len(va["index"]), g)
+  return jax.tree.map(lambda x: x / int((arrays["index"] >= 0).sum()), g)
+
+
+def directional_scores(m: StudyModel, arrays: dict, bs: int, direction) -> np.ndarray:
+  """``grad l_i(theta_0) . direction`` for every row of ``arrays`` (one forward-mode pass each)."""
   dots = jax.jit(lambda p, fz, b, d: hypergrad.directional_losses(m.loss_fn, p, fz, b, d))
-  return np.concatenate([np.asarray(dots(m.trainable, m.frozen, b, g))[b["index"] >= 0]
-                         for b in batches_of(pa, bs)])
+  return np.concatenate([np.asarray(dots(m.trainable, m.frozen, b, direction))[b["index"] >= 0]
+                         for b in batches_of(arrays, bs)])
+
+
+def alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int) -> np.ndarray:
+  """``grad l_i . grad f`` at the start (the ``one_step`` score) with ``f`` on all validation."""
+  return directional_scores(m, pa, bs, mean_gradient(m, va, vbs))
 
 
 def fit_on_validation(m: StudyModel, va: dict, vbs: int, opt, steps: int,
@@ -374,31 +386,23 @@ def influence_alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int, kw
   iters = int(kw.get("iters", INFLUENCE_DEFAULTS["iters"]))
   damping = float(kw.get("damping", INFLUENCE_DEFAULTS["damping"]))
   tree = jax.tree
-  n_pool, n_val = int((pa["index"] >= 0).sum()), int((va["index"] >= 0).sum())
-
-  def row_sum(q, fz, b):
-    return jnp.sum(m.loss_fn(q, fz, b) * (b["index"] >= 0))
-
-  grad_sum = jax.jit(lambda p, fz, b: jax.grad(row_sum)(p, fz, b))
+  n_pool = int((pa["index"] >= 0).sum())
+  row_sum = _row_sum(m)
   hvp_sum = jax.jit(lambda p, fz, b, v: jax.jvp(lambda q: jax.grad(row_sum)(q, fz, b),
                                                  (p,), (v,))[1])
-  pool_b, val_b = batches_of(pa, bs), batches_of(va, vbs)
-
-  def total(fn, batches, scale):
-    acc = None
-    for b in batches:
-      x = fn(b)
-      acc = x if acc is None else tree.map(jnp.add, acc, x)
-    return tree.map(lambda a: a * scale, acc)
+  pool_b = batches_of(pa, bs)
 
   def matvec(v):
-    hv = total(lambda b: hvp_sum(m.trainable, m.frozen, b, v), pool_b, 1.0 / n_pool)
-    return tree.map(lambda a, x: a + damping * x, hv, v)
+    hv = None
+    for b in pool_b:
+      x = hvp_sum(m.trainable, m.frozen, b, v)
+      hv = x if hv is None else tree.map(jnp.add, hv, x)
+    return tree.map(lambda a, x: a / n_pool + damping * x, hv, v)
 
   def dot(a, b):
     return float(sum(jnp.vdot(x, y) for x, y in zip(tree.leaves(a), tree.leaves(b))))
 
-  g = total(lambda b: grad_sum(m.trainable, m.frozen, b), val_b, 1.0 / n_val)
+  g = mean_gradient(m, va, vbs)
   g_norm = dot(g, g) ** 0.5
   v = tree.map(jnp.zeros_like, g)
   r, d = g, g
@@ -416,10 +420,8 @@ def influence_alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int, kw
     residuals.append(round(rr_new ** 0.5 / g_norm, 5))
     d = tree.map(lambda x, y: x + (rr_new / rr) * y, r, d)
     rr = rr_new
-  dots = jax.jit(lambda p, fz, b, u: hypergrad.directional_losses(m.loss_fn, p, fz, b, u))
-  scores = np.concatenate([np.asarray(dots(m.trainable, m.frozen, b, v))[b["index"] >= 0]
-                           for b in pool_b])
-  return scores, {"residuals": residuals, "iters": iters, "damping": damping}
+  return directional_scores(m, pa, bs, v), {"residuals": residuals, "iters": iters,
+                                            "damping": damping}
 
 
 def make_estimator(name: str, s: dict, kw: dict, n: int):
