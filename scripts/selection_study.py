@@ -55,7 +55,10 @@ BASELINES = ("length", "base_loss", "loss_change", "alignment", "random")
 # ``H`` the Hessian of the uniform pool loss over the whole pool and ``f`` the whole validation set:
 # the score ``implicit`` targets (its hypergradient is ``-grad l_i . v / B``), solved at the start
 # on full sets instead of one 8-row batch per outer step.
-DIAGNOSTICS = ("fit_alignment", "influence_alignment")
+# ``pool_alignment``: ``grad l_i(theta_0) . grad g(theta_0)``, ``g`` the uniform pool loss: to first
+# order the weight score of ``penalty_vf`` (``l_i(theta) - l_i(theta_in)`` with ``theta_in`` one inner
+# step on the pool from ``theta``), i.e. how typical a pair is of the pool, with no validation in it.
+DIAGNOSTICS = ("fit_alignment", "influence_alignment", "pool_alignment")
 INFLUENCE_DEFAULTS = {"iters": 20, "damping": 0.1}
 MAX_LEN = {"safety_matched": 96, "safety_matched_easy": 96, "safety": 128, "quality": 128,
            "quality_easy": 128, "math": 192}
@@ -521,7 +524,11 @@ def study(pool_name: str, seeds, methods, s: dict, kw: dict, out: pathlib.Path, 
     cache: dict = {}
     for method in todo:
       t = time.time()
-      if method == "influence_alignment":
+      if method == "pool_alignment":
+        scores = directional_scores(m, data.pool_arrays, s["batch_size"],
+                                    mean_gradient(m, data.pool_arrays, s["batch_size"]))
+        res = {**quality(scores, data.is_bad), "wall_s": round(time.time() - t, 2)}
+      elif method == "influence_alignment":
         scores, extra = influence_alignment(m, data.pool_arrays, data.val_arrays, s["batch_size"],
                                             s["val_batch_size"], kw)
         res = {**quality(scores, data.is_bad), "wall_s": round(time.time() - t, 2), **extra}
@@ -639,7 +646,7 @@ def changes_table(path: pathlib.Path, tags: list[str] | None, ref_tag: str = "ma
       fields = {f.name for f in dataclasses.fields(hypergrad.ESTIMATORS[r["method"]])}
     else:
       fields = ({"iters", "damping"} if r["method"] == "influence_alignment" else
-                {"fit_optimizer", "fit_lr", "fit_steps"} if r["method"] in DIAGNOSTICS else set())
+                {"fit_optimizer", "fit_lr", "fit_steps"} if r["method"] == "fit_alignment" else set())
     ch += [f"{k}={v}" for k, v in r["kw"].items() if k in fields and kw_ref.get(k) != v]
     best = "-"
     if "curve" in r:

@@ -169,6 +169,21 @@ def test_fit_alignment_is_the_first_order_likelihood_ratio(tmp_path):
   assert 0.0 <= row["fit_loss_auroc"] <= 1.0
 
 
+def test_pool_alignment_is_the_alignment_with_the_pool_gradient(tmp_path):
+  """Scored against the pool instead of validation: equals the ``alignment`` baseline computed with
+  the pool standing in for the validation set."""
+  model_loader, data_loader = _loaders()
+  (row,) = study_mod.study("syn", [0], ["pool_alignment"], _settings(), {}, tmp_path / "r.jsonl",
+                           "t", model_loader, data_loader)
+  cfg, params, tok = model_loader()
+  s = _settings()
+  data = data_loader("syn", 0, s, tok)
+  m = study_mod.make_model(cfg, params, s, 0)
+  pa = study_mod.cached_prefix(m, data, None, ("syn", 0, s))[0]
+  expected = study_mod.alignment(m, pa, pa, s["batch_size"], s["batch_size"])
+  np.testing.assert_allclose(row["scores"], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_changes_table_lists_what_differs_from_the_main_rows(tmp_path):
   out = tmp_path / "rows.jsonl"
   base = {"pool": "x", "seed": 0, "auroc": 0.5, "precision": 0.5, "wall_s": 3.0, "load": 1.0,
