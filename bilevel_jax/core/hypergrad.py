@@ -433,6 +433,11 @@ class PenaltyVF(Estimator):
   Consumes ``inner_steps`` train batches (the aux copy steps through them; the model and weight steps
   use the last). State ``extra``: ``aux_params``, ``aux_opt_state``. Extra metrics: ``gamma``,
   ``aux_loss`` (``g(theta_in)``), ``vf_gap`` (``g(theta) - g(theta_in)``).
+
+  A pair's weight score ``l_i(theta) - l_i(theta_in)`` is, to first order and with ``theta_in``
+  near ``theta``, ``grad l_i . grad g``: how typical the pair is of the pool. Validation enters only
+  through ``theta``; on the real `safety_matched` pool that alignment scored AUROC 0.44-0.48 and
+  explained about 30% of a 40-step run's logits (docs/selection_study.md, ``pool_alignment``).
   """
 
   name: ClassVar[str] = "penalty_vf"
@@ -511,6 +516,12 @@ class Implicit(Estimator):
 
   Consumes ``max(inner_steps, 1)`` train batches. Extra metrics: ``solver_residual``
   (``|(H + damping) v - grad f| / |grad f|``).
+
+  Away from a minimum of ``g`` the Hessian is indefinite: on the real model's 96-pair
+  `safety_matched` pool at the start, CG met negative curvature at its fourth iteration even with
+  damping 1, and ``jax.scipy.sparse.linalg.cg`` has no safeguard for that, so watch
+  ``solver_residual``; the direction reached after 3 iterations on whole sets still scored AUROC 0.91
+  (docs/selection_study.md, ``influence_alignment``).
   """
 
   name: ClassVar[str] = "implicit"
