@@ -383,8 +383,10 @@ def influence_alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int, kw
   """``grad l_i(theta_0) . v``, ``(H + damping I) v = grad f`` by CG (see :data:`DIAGNOSTICS`).
 
   A plain Python CG over jitted per-batch Hessian-vector products (forward over reverse), so the
-  residual of every iteration is recorded. Returns the scores and ``{"residuals": [...]}``
-  (``|(H + damping) v - grad f| / |grad f|`` after each iteration).
+  residual of every iteration is recorded. Returns the scores and ``{"residuals": [...],
+  "negative_curvature_at": k or None, ...}``: ``|(H + damping) v - grad f| / |grad f|`` after each
+  completed iteration, and the iteration at which ``d . (H + damping) d <= 0`` stopped CG (``v`` is
+  then the last iterate).
   """
   iters = int(kw.get("iters", INFLUENCE_DEFAULTS["iters"]))
   damping = float(kw.get("damping", INFLUENCE_DEFAULTS["damping"]))
@@ -409,12 +411,12 @@ def influence_alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int, kw
   g_norm = dot(g, g) ** 0.5
   v = tree.map(jnp.zeros_like, g)
   r, d = g, g
-  rr, residuals = dot(g, g), []
-  for _ in range(iters):
+  rr, residuals, stopped = dot(g, g), [], None
+  for i in range(iters):
     ad = matvec(d)
     curv = dot(d, ad)
-    if curv <= 0:  # H + damping is not positive definite along d: CG cannot go on
-      residuals.append(float("nan"))
+    if not curv > 0:  # H + damping is not positive definite along d: CG cannot go on
+      stopped = i + 1
       break
     alpha = rr / curv
     v = tree.map(lambda x, y: x + alpha * y, v, d)
@@ -424,7 +426,7 @@ def influence_alignment(m: StudyModel, pa: dict, va: dict, bs: int, vbs: int, kw
     d = tree.map(lambda x, y: x + (rr_new / rr) * y, r, d)
     rr = rr_new
   return directional_scores(m, pa, bs, v), {"residuals": residuals, "iters": iters,
-                                            "damping": damping}
+                                            "damping": damping, "negative_curvature_at": stopped}
 
 
 def make_estimator(name: str, s: dict, kw: dict, n: int):
@@ -656,6 +658,8 @@ def changes_table(path: pathlib.Path, tags: list[str] | None, ref_tag: str = "ma
     if "residuals" in r:
       notes = (f"CG residual {r['residuals'][-1]} after {len(r['residuals'])} iterations, "
                f"damping {r['damping']}")
+      if r.get("negative_curvature_at"):
+        notes += f", negative curvature at iteration {r['negative_curvature_at']}"
     if "exact_ratio_auroc" in r:
       notes = (f"exact ratio {r['exact_ratio_auroc']:.3f}, corr {r['corr_with_exact']:.2f}, "
                f"raw loss at fit {r['fit_loss_auroc']:.3f}")

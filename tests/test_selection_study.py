@@ -199,10 +199,7 @@ def test_changes_table_lists_what_differs_from_the_main_rows(tmp_path):
   assert "| likelihood_ratio | 0 | fit_lr=0.01 |" in lines[3]  # penalty has no fit_lr: not listed
 
 
-def test_influence_alignment_solves_the_damped_system_on_ridge():
-  """On ridge (3 parameters) CG is exact in 3 iterations: scores equal ``grad l_i . v`` with
-  ``v = (H + damping I)^-1 grad f`` from the closed form, in float64; pool padding is ignored."""
-  mu, damping = 0.1, 0.5
+def _ridge_influence(mu: float, damping: float, iters: int):
   rng = np.random.default_rng(3)
   with jax.enable_x64(True):
     x, y = rng.normal(size=(7, 3)), rng.normal(size=7)
@@ -216,10 +213,28 @@ def test_influence_alignment_solves_the_damped_system_on_ridge():
     m = study_mod.StudyModel(None, None, jax.numpy.asarray(theta), {}, loss_fn)
     pa = {"x": x, "y": y, "index": np.arange(7)}  # batches of 4: the last one padded
     va = {"x": xv, "y": yv, "index": np.arange(5)}
-    scores, extra = study_mod.influence_alignment(m, pa, va, 4, 4, {"iters": 3, "damping": damping})
+    scores, extra = study_mod.influence_alignment(m, pa, va, 4, 4,
+                                                  {"iters": iters, "damping": damping})
+  return x, y, xv, yv, theta, scores, extra
+
+
+def test_influence_alignment_solves_the_damped_system_on_ridge():
+  """On ridge (3 parameters) CG is exact in 3 iterations: scores equal ``grad l_i . v`` with
+  ``v = (H + damping I)^-1 grad f`` from the closed form, in float64; pool padding is ignored."""
+  mu, damping = 0.1, 0.5
+  x, y, xv, yv, theta, scores, extra = _ridge_influence(mu, damping, 3)
   h = x.T @ x / 7 + mu * np.eye(3)
   g = xv.T @ (xv @ theta - yv) / 5 + mu * theta
   v = np.linalg.solve(h + damping * np.eye(3), g)
   per_row = (x @ theta - y)[:, None] * x + mu * theta
   np.testing.assert_allclose(scores, per_row @ v, rtol=1e-10)
   assert extra["residuals"][-1] < 1e-10 and len(extra["residuals"]) == 3
+  assert extra["negative_curvature_at"] is None
+
+
+def test_influence_alignment_stops_at_negative_curvature():
+  """A negative-definite ``H + damping`` (ridge with mu = -10): CG stops at its first iteration and
+  says so, and the scores are those of the zero iterate."""
+  *_, scores, extra = _ridge_influence(-10.0, 0.1, 3)
+  assert extra["negative_curvature_at"] == 1 and extra["residuals"] == []
+  np.testing.assert_array_equal(scores, np.zeros(7))
