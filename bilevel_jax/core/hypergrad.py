@@ -521,7 +521,8 @@ class Implicit(Estimator):
   `safety_matched` pool at the start, CG met negative curvature at its fourth iteration even with
   damping 1, and ``jax.scipy.sparse.linalg.cg`` has no safeguard for that, so watch
   ``solver_residual``; the direction reached after 3 iterations on whole sets still scored AUROC 0.91
-  (docs/selection_study.md, ``influence_alignment``).
+  (docs/selection_study.md, ``influence_alignment``), and the estimator itself (``iters=3``,
+  ``damping=1.0``) 0.78 after 40 outer steps.
   """
 
   name: ClassVar[str] = "implicit"
