@@ -569,6 +569,14 @@ class Implicit(Estimator):
 # ----------------------------------------------------------------------------- likelihood ratio
 
 
+LIKELIHOOD_RATIO_SCORES = ("linear", "ratio")
+
+
+def _check_score(score: str) -> None:
+  if score not in LIKELIHOOD_RATIO_SCORES:
+    raise ValueError(f"likelihood_ratio score {score!r}: use one of {LIKELIHOOD_RATIO_SCORES}")
+
+
 def likelihood_ratio_scores(loss_fn: sft.LossFn, start_params: Params, fit_params: Params,
                             frozen: Params, batch: dict, score: str = "ratio") -> Float[Array, "b"]:
   """Per-row score of the fitted copy against the start.
@@ -577,12 +585,11 @@ def likelihood_ratio_scores(loss_fn: sft.LossFn, start_params: Params, fit_param
   ``l_i(start) - l_i(fit)``. ``score="linear"``: its first-order part along the fitted displacement,
   ``grad l_i(start) . (start - fit)`` (one forward-mode pass, :func:`directional_losses`).
   """
+  _check_score(score)
   if score == "ratio":
     return loss_fn(start_params, frozen, batch) - loss_fn(fit_params, frozen, batch)
-  if score == "linear":
-    direction = jax.tree.map(jnp.subtract, start_params, fit_params)
-    return directional_losses(loss_fn, start_params, frozen, batch, direction)
-  raise ValueError(f"likelihood_ratio score {score!r}: use 'ratio' or 'linear'")
+  direction = jax.tree.map(jnp.subtract, start_params, fit_params)
+  return directional_losses(loss_fn, start_params, frozen, batch, direction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -594,20 +601,22 @@ class LikelihoodRatio(Estimator):
   solution with a closed-form importance-ratio weight; that formula could not be read from any stored
   source). The first ``fit_steps`` calls each take one step of a copy of the model on the validation
   batch (uniform weights; ``fit_optimizer``/``fit_lr``, Adam at 1e-4 by default, or the inner
-  optimizer when ``fit_optimizer`` is None) and return a zero gradient. Later calls score the train rows by
-  ``s_i`` (:func:`likelihood_ratio_scores`; ``score="ratio"``: the exact log-ratio
-  ``s_i = mean_t log pi_fit(y_it) - mean_t log pi_start(y_it)``, ``score="linear"``, the default: its
-  first-order part, below), where ``start`` is ``state.params``, left untouched, and return
-  ``grad = omega_rows - s / temperature`` on the scored rows (0 elsewhere): the gradient of ``0.5 * ||omega_rows - s / T||^2``, so one SGD
-  step of size 1 sets those logits to ``s / T`` and ``softmax_n`` gives ``p = N softmax(s / T)``
-  (``closed_form = True``: the driver uses ``sgd(1)``). Scoring is idempotent across epochs.
+  optimizer when ``fit_optimizer`` is None) and return a zero gradient. Later calls score the
+  train rows by ``s_i`` (:func:`likelihood_ratio_scores`; ``score="ratio"``: the exact log-ratio
+  ``s_i = mean_t log pi_fit(y_it) - mean_t log pi_start(y_it)``; ``score="linear"``, the default:
+  its first-order part, below), where ``start`` is ``state.params``, left untouched, and return
+  ``grad = omega_rows - s / temperature`` on the scored rows (0 elsewhere): the gradient of
+  ``0.5 * ||omega_rows - s / T||^2``, so one SGD step of size 1 sets those logits to ``s / T`` and
+  ``softmax_n`` gives ``p = N softmax(s / T)`` (``closed_form = True``: the driver uses
+  ``sgd(1)``). Scoring is idempotent across epochs.
 
   State ``extra``: ``fit_params``, ``fit_opt_state``. Extra metrics: ``fitting`` (1 while fitting),
   ``fit_val_loss``, ``score_mean``.
 
-  ``score="linear"`` replaces the exact ratio by its first-order part ``grad l_i(start) . (start - fit)``:
-  the alignment of each pair's gradient with the whole validation-fitted displacement rather than
-  with one validation gradient (``one_step``). On the real `safety_matched` pool it scored AUROC
+  ``score="linear"`` replaces the exact ratio by its first-order part
+  ``grad l_i(start) . (start - fit)``: the alignment of each pair's gradient with the whole
+  validation-fitted displacement rather than with one validation gradient (``one_step``). On the
+  real `safety_matched` pool it scored AUROC
   0.998 / 0.974 / 0.980 on seeds 0-2 against 0.948 / 0.916 / 0.939 for ``"ratio"``
   (docs/selection_study.md), and on seed 0 of `quality` / `math` 0.588 / 0.496 against 0.596 / 0.484,
   so ``"linear"`` is the default; ``"ratio"`` is the exact log-ratio above.
@@ -624,8 +633,7 @@ class LikelihoodRatio(Estimator):
   score: str = "linear"  # or "ratio" (the exact log-ratio; see the class docstring)
 
   def __post_init__(self):
-    if self.score not in ("ratio", "linear"):
-      raise ValueError(f"likelihood_ratio score {self.score!r}: use 'ratio' or 'linear'")
+    _check_score(self.score)  # at construction, not at the first traced scoring call
 
   @property
   def warmup_steps(self) -> int:
