@@ -534,7 +534,7 @@ def study(pool_name: str, seeds, methods, s: dict, kw: dict, out: pathlib.Path, 
         scores, extra = influence_alignment(m, data.pool_arrays, data.val_arrays, s["batch_size"],
                                             s["val_batch_size"], kw)
         res = {**quality(scores, data.is_bad), "wall_s": round(time.time() - t, 2), **extra}
-      elif method in DIAGNOSTICS:
+      elif method == "fit_alignment":
         scores, extra = fit_alignment(m, data.pool_arrays, data.val_arrays, s["batch_size"],
                                       s["val_batch_size"], kw)
         exact = extra["exact_ratio"]
