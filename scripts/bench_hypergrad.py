@@ -58,22 +58,26 @@ CONFIGS: dict[str, tuple[str, dict, int]] = {
     "likelihood_ratio (score)": ("likelihood_ratio", {"fit_steps": 30}, 30),
     # Opt-in (``--only``), for the profile of ``unroll`` (docs/benchmarks.md): the scanned inner
     # step without jax.checkpoint, other remat policies, the first step left in the scan
-    # (``peel_first=False``, the layout before the profile) and an unrolled scan.
-    "unroll K=2 (no remat)": ("unroll", {"k": 2, "remat_policy": None}, 0),
+    # (``peel_first=False``, the layout before the profile) and an unrolled scan, all of them
+    # autodiff through the scan (``Unroll.backward="autodiff"``; the default is "adjoint").
+    "unroll K=2 (no remat)": ("unroll", {"k": 2, "remat_policy": None, "backward": "autodiff"}, 0),
 }
 _OPT_IN = {"no peel": {"peel_first": False}, "peel": {"peel_first": True},
            "no remat": {"remat_policy": None},
            "dots_saveable": {"remat_policy": "dots_saveable"},
            "dots_no_batch": {"remat_policy": "dots_with_no_batch_dims_saveable"},
            "scan unroll": {"scan_unroll": True},
+           "adjoint": {"backward": "adjoint"}, "autodiff": {"backward": "autodiff"},
            # per-layer jax.checkpoint in the model for this estimator only (the SFT step it
            # alternates with keeps the worker's setting)
            "layer remat": {LAYER_REMAT: True}}
 for _k in (1, 2, 4):
   for _name in ("no peel", "peel", "peel+no remat", "peel+dots_saveable", "peel+dots_no_batch",
                 "peel+scan unroll", "no peel+dots_no_batch", "peel+layer remat",
-                "peel+layer remat+dots_no_batch", "no peel+layer remat"):
-    _settings = {"k": _k}
+                "peel+layer remat+dots_no_batch", "no peel+layer remat", "adjoint", "autodiff",
+                "adjoint+layer remat"):
+    # every option but "adjoint" is a setting of autodiff through the scan
+    _settings = {"k": _k, "backward": "autodiff"}
     for _part in _name.split("+"):
       _settings.update(_OPT_IN[_part])
     CONFIGS.setdefault(f"unroll K={_k} ({_name})", ("unroll", _settings, 0))
@@ -398,10 +402,14 @@ def run(kinds=("lora", "full"), rounds: int = 3, write_docs: bool = True, torch:
   ``torch_ks`` limits the PyTorch comparison to these K (default: every K of the ``unroll`` labels).
   The section is rewritten after every config, so a run cut short keeps its finished rows.
   """
+  subset = labels is not None and list(labels) != DEFAULT_LABELS
   labels = labels or DEFAULT_LABELS
-  # A run without LoRA (e.g. ``--kinds full`` alone, which needs the machine to itself) writes its
-  # own section, so it does not replace the LoRA table of an earlier run.
+  # A run without LoRA (e.g. ``--kinds full`` alone, which needs the machine to itself) or of a subset
+  # of the labels writes its own section, so it does not replace the tables of an earlier full run.
   section = "hypergrad" if "lora" in kinds else "hypergrad-" + "-".join(kinds)
+  if subset:
+    section = "hypergrad-only-" + "-".join(kinds)
+  results_labels = labels if subset else None
   if torch:
     import subprocess
     subprocess.run(["bash", str(bc.REPO / "scripts" / "setup_torch_env.sh")], check=True)
@@ -410,7 +418,8 @@ def run(kinds=("lora", "full"), rounds: int = 3, write_docs: bool = True, torch:
          "TOKENIZERS_PARALLELISM": "false"}
   unroll_ks = {CONFIGS[l][1]["k"] for l in labels if CONFIGS[l][0] == "unroll"}
   torch_ks = tuple(sorted(unroll_ks & set(torch_ks) if torch_ks is not None else unroll_ks))
-  results = {"_machine": bc.machine_description(), "_layer_remat": layer_remat}
+  results = {"_machine": bc.machine_description(), "_layer_remat": layer_remat,
+             "_labels": results_labels}
   for kind in kinds:
     ok, why = _fits(NEED_GB[("jax", kind)])
     if not ok:
@@ -527,14 +536,20 @@ def render(results: dict, rounds: int) -> str:
   title = ("Hypergradient estimators (`scripts/bench.py hypergrad`)" if "lora" in kinds else
            f"Hypergradient estimators, {' and '.join(kinds)} only "
            f"(`scripts/bench.py hypergrad --kinds {','.join(kinds)}`)")
+  if results.get("_labels"):
+    only = ",".join(results["_labels"])
+    title = (f"Hypergradient estimators, {only} on {' and '.join(kinds)} "
+             f"(`scripts/bench_hypergrad.py --kinds {','.join(kinds)} --only \"{only}\"`)")
   return f"""## {title}
 
 SmolLM2-135M-Instruct (real weights), f32, B={BATCH}, T={SEQ}, inner optimizer SGD (lr {INNER_LR}),
 logits optimizer Adam (`select.make_outer_step`, donated state), LoRA rank {LORA_RANK} on every
 projection of every layer, or full fine-tuning; per-layer remat of the model
-{'on' if results['_layer_remat'] else 'off'}; `unroll` uses `jax.checkpoint` (`nothing_saveable`) on
-the inner step and, from K=3 on, takes the first step before the scan (`Unroll.peel_first`, see
-"Profile of unroll" below; labels in brackets are opt-in variants). Each outer step is timed
+{'on' if results['_layer_remat'] else 'off'}; `unroll` is `Unroll(backward="adjoint")` (the reverse
+pass written by hand, the default since 2026-11-30; labels in brackets are opt-in variants, and
+`autodiff` ones are `jax.value_and_grad` through the scan with `jax.checkpoint` (`nothing_saveable`)
+on the inner step, peeling the first step from K=3 on, as in tables of earlier runs: "Profile of
+unroll" below). Each outer step is timed
 {rounds} times after one warm-up, each run
 alternating with one plain SFT step (`sft.make_inner_step`, same loss and SGD) so that both see the same
 load; the ratio divides the medians of one block. Memory is `compiled.memory_analysis()` temp +
@@ -542,9 +557,8 @@ argument + output bytes (outputs aliased to donated arguments are counted twice 
 column shows how much). PyTorch: the same `unroll` (K SGD steps with `torch.func.functional_call` and
 nested `torch.func.grad`, eager attention, 2 threads); for LoRA it alternates with the JAX runs, for
 full fine-tuning it runs after the JAX process has exited (never both at once), when free memory allows.
-The machine is shared: the load average (2 cores) is recorded with each block; other engineers'
-processes ran throughout, so absolute times are noisy and the same-block ratios are the numbers to
-read.
+The load average (2 cores) is recorded with each block; other processes may have run, so absolute
+times are noisy and the same-block ratios are the numbers to read.
 
 {chr(10).join(sections)}
 Machine:

@@ -9,10 +9,11 @@ setting of ``scripts/bench_hypergrad.py``):
 * ``--trace VARIANT``: runs one variant ``--runs`` times under ``jax.profiler.trace`` and sums the
   trace's events by name (the HLO ops and fusions XLA:CPU's thunks report), printing the top ones.
 
-Variants are named ``sft``, ``valgrad`` or ``unroll:K[:OPTION...]``, each OPTION one of ``peel`` /
-``nopeel`` (``Unroll.peel_first``), ``unroll=N`` or ``unroll=true`` (``Unroll.scan_unroll``), or a
-remat policy (a name from ``jax.checkpoint_policies``, or ``none``), e.g.
-``unroll:2:nopeel:dots_saveable``.
+Variants are named ``sft``, ``valgrad`` or ``unroll:K[:OPTION...]``, each OPTION one of ``adjoint`` /
+``autodiff`` (``Unroll.backward``; the profile below was taken of autodiff, which every other
+option implies), ``peel`` / ``nopeel`` (``Unroll.peel_first``), ``unroll=N`` or ``unroll=true``
+(``Unroll.scan_unroll``), or a remat policy (a name from ``jax.checkpoint_policies``, or ``none``),
+e.g. ``unroll:2:nopeel:dots_saveable``; ``unroll:2`` alone is the default (adjoint).
 
   .venv/bin/python scripts/profile_unroll.py --cost sft valgrad unroll:1 unroll:2 unroll:2:none
   .venv/bin/python scripts/profile_unroll.py --trace unroll:2 --runs 1 --dir /tmp/prof_k2
@@ -67,7 +68,10 @@ def build():
     assert parts[0] == "unroll", name
     settings = {"k": int(parts[1])}
     for part in parts[2:]:
-      if part in ("peel", "nopeel"):
+      settings.setdefault("backward", "autodiff")
+      if part in ("adjoint", "autodiff"):
+        settings["backward"] = part
+      elif part in ("peel", "nopeel"):
         settings["peel_first"] = part == "peel"
       elif part.startswith("unroll="):
         value = part.split("=", 1)[1]

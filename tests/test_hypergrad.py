@@ -103,8 +103,9 @@ def unrolled_objective(problem, params, frozen, train_list, val):
   return jax.jit(fn)
 
 
+@pytest.mark.parametrize("backward", hg.UNROLL_BACKWARDS)
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
-def test_unroll_matches_finite_differences_ridge(x64, inner):
+def test_unroll_matches_finite_differences_ridge(x64, inner, backward):
   train, val, logits = ridge_data()
   opt = optax.sgd(0.3) if inner == "sgd" else sft.sgd_or_adam("adam", 0.1)
   problem = hg.Problem(ridge_loss, opt)
@@ -113,7 +114,7 @@ def test_unroll_matches_finite_differences_ridge(x64, inner):
   train_list = [{"x": train["x"][jnp.maximum(i, 0)], "y": train["y"][jnp.maximum(i, 0)], "index": i}
                 for i in idx]
   theta0 = jnp.asarray([0.3, -0.2, 0.1], F64)
-  est = hg.Unroll(k=3)
+  est = hg.Unroll(k=3, backward=backward)
   grad, state, m = run(est, problem, est.init(problem, theta0), logits, {}, {"train": stack(train_list),
                                                                        "val": val})
   fd = central_fd(unrolled_objective(problem, theta0, {}, train_list, val), logits)
@@ -435,7 +436,7 @@ def test_remat_policies_do_not_change_the_gradient():
   batches = {"train": stack([train] * 3), "val": val}
   grads = []
   for policy in (None, "nothing_saveable", "dots_saveable"):
-    est = hg.Unroll(k=3, remat_policy=policy)
+    est = hg.Unroll(k=3, remat_policy=policy, backward="autodiff")
     grads.append(run(est, problem, est.init(problem, theta), logits, {}, batches)[0])
   assert np.all(np.isfinite(grads[0])) and np.linalg.norm(grads[0]) > 0
   for g in grads[1:]:
@@ -447,7 +448,8 @@ def test_remat_policies_do_not_change_the_gradient():
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_unroll_layouts_give_the_same_gradient(x64, k):
-  """Peeling the first step out of the scan and unrolling the scan change no maths (f64)."""
+  """Peeling the first step out of the scan and unrolling the scan change no maths (f64); the
+  layouts of autodiff through the scan."""
   train, val, logits = ridge_data(seed=13)
   problem = hg.Problem(ridge_loss, optax.sgd(0.3))  # Adam's first step barely depends on omega
   theta = jnp.asarray([0.3, -0.1, 0.2], F64)
@@ -456,7 +458,7 @@ def test_unroll_layouts_give_the_same_gradient(x64, k):
   for settings in ({"peel_first": False}, {"peel_first": True}, {},
                    {"peel_first": True, "scan_unroll": True},
                    {"peel_first": True, "remat_policy": "dots_with_no_batch_dims_saveable"}):
-    est = hg.Unroll(k=k, **settings)
+    est = hg.Unroll(k=k, backward="autodiff", **settings)
     results.append(run(est, problem, est.init(problem, theta), logits, {}, batches))
   grad0, state0, m0 = results[0]
   assert np.linalg.norm(grad0) > 1e-3
@@ -465,6 +467,50 @@ def test_unroll_layouts_give_the_same_gradient(x64, k):
     np.testing.assert_allclose(state.params, state0.params, rtol=1e-12)
     for key in ("val_loss", "train_loss", "train_nll"):
       np.testing.assert_allclose(m[key], m0[key], rtol=1e-12)
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_unroll_adjoint_backward_equals_autodiff(x64, inner, k):
+  """The hand-written reverse pass gives autodiff's gradient, state and metrics (f64), also from an
+  Adam state with non-zero moments (its cotangents flow back through the optimizer update)."""
+  train, val, logits = ridge_data(seed=14)
+  opt = optax.sgd(0.3) if inner == "sgd" else sft.sgd_or_adam("adam", 0.1)
+  problem = hg.Problem(ridge_loss, opt)
+  idx = [jnp.array([0, 1, 2, 3]), jnp.array([4, 5, 6, -1]), jnp.array([7, 1, 2, 0])][:k]
+  train_list = [{"x": train["x"][jnp.maximum(i, 0)], "y": train["y"][jnp.maximum(i, 0)], "index": i}
+                for i in idx]
+  batches = {"train": stack(train_list), "val": val}
+  auto, adjoint = hg.Unroll(k=k, backward="autodiff"), hg.Unroll(k=k, backward="adjoint")
+  state = auto.init(problem, jnp.asarray([0.3, -0.1, 0.2], F64))
+  state = run(auto, problem, state, logits, {}, batches)[1]  # moments and step count non-zero
+  (g0, s0, m0), (g1, s1, m1) = (run(e, problem, state, logits, {}, batches) for e in (auto, adjoint))
+  assert np.linalg.norm(g0) > 1e-3
+  np.testing.assert_allclose(g1, g0, rtol=1e-12, atol=1e-15)
+  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s0)):
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+  for key in ("val_loss", "train_loss", "train_nll"):
+    np.testing.assert_allclose(m1[key], m0[key], rtol=1e-12)
+  with pytest.raises(ValueError, match="unroll backward"):
+    hg.Unroll(backward="bogus")
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_unroll_adjoint_backward_equals_autodiff_decoder(x64, kind):
+  """The same on the tiny decoder (Adam inner, K = 2): a sum over rows and tokens, two layers."""
+  trainable, frozen, loss_fn, train_list, val = decoder_setup(kind, seed=1)
+  problem = hg.Problem(loss_fn, sft.sgd_or_adam("adam", 0.05))
+  logits = jnp.asarray([0.4, -0.3, 0.2, 0.1, -0.5], F64)
+  batches = {"train": stack(train_list), "val": val}
+  grads = []
+  for backward in ("autodiff", "adjoint"):
+    est = hg.Unroll(k=2, backward=backward)
+    step = jax.jit(lambda lg, e=est: e(problem, e.init(problem, trainable), lg, frozen, batches,
+                                       None)).lower(logits).compile(
+        compiler_options={"xla_backend_optimization_level": 0})
+    grads.append(step(logits)[0])
+  assert np.linalg.norm(grads[0]) > 1e-3
+  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-10, atol=1e-14)
 
 
 def test_unroll_truncation_warm_starts_the_inner_state(x64):

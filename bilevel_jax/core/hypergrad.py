@@ -204,31 +204,47 @@ def _finish(grad, state: EstimatorState, metrics: dict, **updates):
 class Unroll(Estimator):
   """Exact ``d f(theta_K) / d omega`` through ``K`` inner optimizer steps (truncated back-prop).
 
-  The ``K`` steps run in ``lax.scan`` with the scanned step under ``jax.checkpoint`` (``remat_policy``,
-  a name from ``jax.checkpoint_policies``, or None): the backward pass recomputes each step's
-  activations instead of storing all ``K`` of them. With ``peel_first`` the first step runs before the
-  scan: ``theta_0`` does not depend on the logits, so that step's backward needs only the mixed term,
-  not a Hessian-vector product through ``theta``, which the scan's shared transposed body would
-  compute and discard. Measured on SmolLM2-135M with LoRA (docs/benchmarks.md, "Profile of unroll"),
-  peeling made K = 2 1.4 x faster but stored the peeled step's activations and, with only one step
-  left (XLA inlines it), the second one's too: 7.4 GiB instead of 4.5 GiB. The default (``None``)
-  therefore peels only from ``K = 3`` on, where the rest stays in a loop and memory grows by less
-  than one step's activations. The inner state is warm-started from the previous
-  outer step and only these ``K`` steps are differentiated (Shaban et al., "Truncated
-  back-propagation for bilevel optimization", AISTATS 2019; the design card of this project). The
-  inner optimizer is ``problem.inner_optimizer`` (SGD by default; Adam needs ``eps_root > 0``).
+  The inner state is warm-started from the previous outer step and only these ``K`` steps are
+  differentiated (Shaban et al., "Truncated back-propagation for bilevel optimization", AISTATS
+  2019; the design card of this project). The inner optimizer is ``problem.inner_optimizer`` (SGD by
+  default; Adam needs ``eps_root > 0``).
+
+  Two reverse passes give the same gradient (tests, float64), chosen by ``backward``:
+
+  * ``"adjoint"`` (default): the reverse pass written out step by step (``_adjoint_unroll``): one
+    forward-over-reverse Hessian-vector product per step after the first, which gives the row
+    weights' cotangents too, and only forward-mode tangents for the first step (``theta_0`` is a
+    constant). It recomputes no forward pass and stores ``(theta_k, s_k, G_k)`` per step instead of
+    activations. Measured on SmolLM2-135M with LoRA (docs/benchmarks.md): K = 2 5.5 x the SFT step
+    at 4.3 GiB, against 8.1 x at 4.5 GiB for autodiff with remat.
+  * ``"autodiff"``: ``jax.value_and_grad`` through the ``K`` steps in ``lax.scan``, the scanned step
+    under ``jax.checkpoint`` (``remat_policy``, a name from ``jax.checkpoint_policies``, or None):
+    the backward pass recomputes each step's activations instead of storing all ``K`` of them. With
+    ``peel_first`` the first step runs before the scan, so that its backward skips the
+    Hessian-vector product through ``theta_0`` that the scan's shared transposed body would compute
+    and discard; peeling made K = 2 1.4 x faster but stored the peeled step's activations and, with
+    only one step left (XLA inlines it), the second one's too: 7.4 GiB instead of 4.5 GiB. Its
+    default (``None``) therefore peels only from ``K = 3`` on.
 
   Consumes ``k`` train batches. Extra metrics: ``train_nll`` (mean of the K steps).
   """
 
   name: ClassVar[str] = "unroll"
   k: int = 2
-  remat_policy: str | None = "nothing_saveable"
-  # Take the first inner step outside the scan (same gradient; see the class docstring). None: only
-  # when k >= 3.
+  remat_policy: str | None = "nothing_saveable"  # autodiff only
+  # autodiff only: take the first inner step outside the scan (same gradient; see the class
+  # docstring). None: only when k >= 3.
   peel_first: bool | None = None
   # ``unroll`` of the ``lax.scan`` over the (remaining) steps: 1, an int, or True (straight-line code).
   scan_unroll: int | bool = 1
+  # "adjoint" (the reverse pass by hand) or "autodiff" (through the scan; the settings above apply
+  # to it only). Same gradient; see the class docstring.
+  backward: str = "adjoint"
+
+  def __post_init__(self):
+    if self.backward not in UNROLL_BACKWARDS:
+      raise ValueError(f"unknown unroll backward {self.backward!r}; use one of {UNROLL_BACKWARDS}")
+    _remat(lambda: None, self.remat_policy)  # an unknown policy fails here, whichever backward
 
   @property
   def train_batches(self) -> int:
@@ -236,6 +252,9 @@ class Unroll(Estimator):
 
   def __call__(self, problem, state, logits, frozen, batches, key):
     del key
+    if self.backward == "adjoint":
+      grad, params, opt_state, metrics = _adjoint_unroll(problem, state, logits, frozen, batches)
+      return _finish(grad, state, metrics, params=params, opt_state=opt_state)
 
     def plain(th, s, p, fz, b):
       return _weighted_step(problem, th, s, fz, b, wts.gather_weights(p, b["index"]))
@@ -274,6 +293,99 @@ class Unroll(Estimator):
     (f, (params, opt_state, ms)), grad = jax.value_and_grad(outer, has_aux=True)(logits)
     metrics = {"val_loss": f, "train_loss": jnp.mean(ms["loss"]), "train_nll": jnp.mean(ms["nll"])}
     return _finish(grad, state, metrics, params=params, opt_state=opt_state)
+
+
+UNROLL_BACKWARDS = ("autodiff", "adjoint")
+
+
+def _adjoint_unroll(problem: Problem, state: EstimatorState, logits, frozen, batches):
+  """``d f(theta_K) / d omega`` through the inner steps, with the reverse pass written by hand.
+
+  Step ``k`` is ``(theta_{k+1}, s_{k+1}) = apply(theta_k, s_k, G_k)`` with
+  ``G_k = grad_theta g_k(theta_k, p)``. Going back from ``v = grad f(theta_K)``, each step pulls
+  the cotangent through the (elementwise) optimizer update by ``jax.vjp``, which gives the
+  cotangent ``u`` of ``G_k``; then one forward-over-reverse pass at ``theta_k`` along ``u`` gives
+  both the Hessian-vector product ``H_k u`` (added to the cotangent of ``theta_k``) and, as the
+  tangents of the per-example losses, ``grad l_i . u``, which is ``u``'s pull-back to the row
+  weights (``g_k`` is linear in the losses). ``theta_0`` is the warm start, a constant, so the first
+  step needs only the forward-mode tangents (``directional_losses``), no Hessian-vector product.
+
+  Autodiff through a rematerialized ``lax.scan`` recomputes each step's forward pass and then
+  transposes its backward pass (and, from K = 2 on, takes the Hessian-vector product through the
+  constant ``theta_0`` too); here a step's whole backward is that one forward-over-reverse pass.
+  The forward stores ``(theta_k, s_k, G_k)`` per step, no activations. All ``K`` backward steps
+  run in one reverse scan, the first step's shortcut a ``lax.cond``: with the first step taken
+  outside, K = 2 left a scan of length one, which XLA inlines, and its program then needed
+  3.8 GiB of temporaries on the real model with LoRA instead of 2.2. The gradient is the same as
+  autodiff's (tests, float64).
+  """
+  p, p_vjp = jax.vjp(problem.weights, logits)
+  opt = problem.inner_optimizer
+
+  def apply(th, s, g):
+    updates, s = opt.update(g, s, th)
+    return optax.apply_updates(th, updates), s
+
+  def float_part(s):
+    """The optimizer state's float leaves (the ones with cotangents; step counts are ints)."""
+    return [x for x in jax.tree.leaves(s) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+  def apply_on_floats(th, s, floats, g):
+    """``apply`` as a function of the float leaves of ``s``; returns the new state's float leaves."""
+    leaves, treedef = jax.tree.flatten(s)
+    it = iter(floats)
+    leaves = [next(it) if jnp.issubdtype(x.dtype, jnp.inexact) else x for x in leaves]
+    th, s = apply(th, jax.tree.unflatten(treedef, leaves), g)
+    return th, float_part(s)
+
+  def forward(carry, batch):
+    th, s = carry
+    w = wts.gather_weights(p, batch["index"])
+    (loss, losses), g = jax.value_and_grad(sft.weighted_loss, argnums=1, has_aux=True)(
+        problem.loss_fn, th, frozen, batch, w)
+    valid = sft.valid_rows(batch)
+    m = {"loss": loss, "nll": jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1.0)}
+    return apply(th, s, g), ((th, s, g), m)
+
+  train = batches["train"]
+  (params, opt_state), (trajectory, ms) = jax.lax.scan(
+      forward, (state.params, state.opt_state), train)
+  f, v = jax.value_and_grad(mean_loss, argnums=1)(problem.loss_fn, params, frozen, batches["val"])
+
+  def row_pullback(batch, loss_tangents):
+    """``d <u, grad_theta g(theta, p)> / d p`` from ``grad l_i . u`` (a scatter-add over rows)."""
+    w = wts.gather_weights(p, batch["index"])
+    _, w_vjp = jax.vjp(lambda w_: sft.weighted_mean(loss_tangents, w_, sft.valid_rows(batch)), w)
+    _, gather_vjp = jax.vjp(lambda p_: wts.gather_weights(p_, batch["index"]), p)
+    return gather_vjp(w_vjp(jnp.ones((), loss_tangents.dtype))[0])[0]
+
+  def backward(carry, xs):
+    ct_th, ct_s, ct_p = carry
+    (th, s, g), batch, first = xs
+    _, apply_vjp = jax.vjp(lambda t, fl, g_: apply_on_floats(t, s, fl, g_), th, float_part(s), g)
+    ct_th, ct_s, u = apply_vjp((ct_th, ct_s))
+    w = wts.gather_weights(p, batch["index"])
+
+    def later():
+      grad_g = jax.grad(sft.weighted_loss, argnums=1, has_aux=True)
+      (_, _), (hvp, loss_tangents) = jax.jvp(
+          lambda t: grad_g(problem.loss_fn, t, frozen, batch, w), (th,), (u,))
+      return jax.tree.map(jnp.add, ct_th, hvp), loss_tangents
+
+    def first_step():
+      # theta_0 is a constant (the warm start): only the row weights need the cotangent.
+      return ct_th, directional_losses(problem.loss_fn, th, frozen, batch, u)
+
+    ct_th, loss_tangents = jax.lax.cond(first, first_step, later)
+    return (ct_th, ct_s, ct_p + row_pullback(batch, loss_tangents)), None
+
+  k = jax.tree.leaves(train)[0].shape[0]
+  carry = (v, [jnp.zeros_like(x) for x in float_part(opt_state)], jnp.zeros_like(p))
+  (_, _, ct_p), _ = jax.lax.scan(backward, carry, (trajectory, train, jnp.arange(k) == 0),
+                                 reverse=True)
+  (grad,) = p_vjp(ct_p)
+  metrics = {"val_loss": f, "train_loss": jnp.mean(ms["loss"]), "train_nll": jnp.mean(ms["nll"])}
+  return grad, params, opt_state, metrics
 
 
 # ----------------------------------------------------------------------------- one step
