@@ -214,9 +214,10 @@ class Unroll(Estimator):
   * ``"adjoint"`` (default): the reverse pass written out step by step (``_adjoint_unroll``): one
     forward-over-reverse Hessian-vector product per step after the first, which gives the row
     weights' cotangents too, and only forward-mode tangents for the first step (``theta_0`` is a
-    constant). It recomputes no forward pass and stores ``(theta_k, s_k, G_k)`` per step instead of
-    activations. Measured on SmolLM2-135M with LoRA (docs/benchmarks.md): K = 2 5.5 x the SFT step
-    at 4.3 GiB, against 8.1 x at 4.5 GiB for autodiff with remat.
+    constant). It stores ``(theta_k, s_k, G_k)`` per step, no activations. Measured on
+    SmolLM2-135M (docs/benchmarks.md, nearly idle CPU): K = 1 / 2 / 4 at 2.7 / 6.1 / 11.1 x the SFT
+    step with LoRA (2.5 / 6.4 / 12.6 x full); in one run K = 2 took 5.1 x at 2.7 GiB against
+    autodiff's 9.0 x at 4.5 GiB.
   * ``"autodiff"``: ``jax.value_and_grad`` through the ``K`` steps in ``lax.scan``, the scanned step
     under ``jax.checkpoint`` (``remat_policy``, a name from ``jax.checkpoint_policies``, or None):
     the backward pass recomputes each step's activations instead of storing all ``K`` of them. With
@@ -235,7 +236,7 @@ class Unroll(Estimator):
   # autodiff only: take the first inner step outside the scan (same gradient; see the class
   # docstring). None: only when k >= 3.
   peel_first: bool | None = None
-  # ``unroll`` of the ``lax.scan`` over the (remaining) steps: 1, an int, or True (straight-line code).
+  # autodiff only: ``unroll`` of the ``lax.scan`` over the (remaining) steps: 1, an int, or True.
   scan_unroll: int | bool = 1
   # "adjoint" (the reverse pass by hand) or "autodiff" (through the scan; the settings above apply
   # to it only). Same gradient; see the class docstring.
