@@ -143,9 +143,13 @@ def _remat(fn, policy: str | None, prevent_cse: bool = False):
   """
   if policy in (None, "none"):
     return fn
-  if not hasattr(jax.checkpoint_policies, policy):
-    raise ValueError(f"unknown remat policy {policy!r}; use None or a name in jax.checkpoint_policies")
+  _check_remat_policy(policy)
   return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=prevent_cse)
+
+
+def _check_remat_policy(policy: str | None) -> None:
+  if policy not in (None, "none") and not hasattr(jax.checkpoint_policies, policy):
+    raise ValueError(f"unknown remat policy {policy!r}; use None or a name in jax.checkpoint_policies")
 
 
 def _linear_schedule(step, start: float, end: float, steps: int, every: int = 1):
@@ -245,7 +249,7 @@ class Unroll(Estimator):
   def __post_init__(self):
     if self.backward not in UNROLL_BACKWARDS:
       raise ValueError(f"unknown unroll backward {self.backward!r}; use one of {UNROLL_BACKWARDS}")
-    _remat(lambda: None, self.remat_policy)  # an unknown policy fails here, whichever backward
+    _check_remat_policy(self.remat_policy)  # at construction, whichever backward
 
   @property
   def train_batches(self) -> int:
@@ -321,32 +325,25 @@ def _adjoint_unroll(problem: Problem, state: EstimatorState, logits, frozen, bat
   autodiff's (tests, float64).
   """
   p, p_vjp = jax.vjp(problem.weights, logits)
-  opt = problem.inner_optimizer
-
-  def apply(th, s, g):
-    updates, s = opt.update(g, s, th)
-    return optax.apply_updates(th, updates), s
 
   def float_part(s):
     """The optimizer state's float leaves (the ones with cotangents; step counts are ints)."""
     return [x for x in jax.tree.leaves(s) if jnp.issubdtype(x.dtype, jnp.inexact)]
 
   def apply_on_floats(th, s, floats, g):
-    """``apply`` as a function of the float leaves of ``s``; returns the new state's float leaves."""
+    """``sft.apply_update`` as a function of the float leaves of ``s``; returns the new state's
+    float leaves."""
     leaves, treedef = jax.tree.flatten(s)
     it = iter(floats)
     leaves = [next(it) if jnp.issubdtype(x.dtype, jnp.inexact) else x for x in leaves]
-    th, s = apply(th, jax.tree.unflatten(treedef, leaves), g)
+    th, s = sft.apply_update(problem.inner_optimizer, th, jax.tree.unflatten(treedef, leaves), g)
     return th, float_part(s)
 
   def forward(carry, batch):
     th, s = carry
-    w = wts.gather_weights(p, batch["index"])
-    (loss, losses), g = jax.value_and_grad(sft.weighted_loss, argnums=1, has_aux=True)(
-        problem.loss_fn, th, frozen, batch, w)
-    valid = sft.valid_rows(batch)
-    m = {"loss": loss, "nll": jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1.0)}
-    return apply(th, s, g), ((th, s, g), m)
+    g, m = sft.weighted_grad(problem.loss_fn, th, frozen, batch,
+                             wts.gather_weights(p, batch["index"]))
+    return sft.apply_update(problem.inner_optimizer, th, s, g), ((th, s, g), m)
 
   train = batches["train"]
   (params, opt_state), (trajectory, ms) = jax.lax.scan(

@@ -97,14 +97,25 @@ def inner_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, trainab
     ``(new_trainable, new_opt_state, metrics)`` with metrics ``loss`` (weighted), ``nll`` (plain
     mean response NLL) and ``grad_norm``.
   """
+  grads, metrics = weighted_grad(loss_fn, trainable, frozen, batch, weights)
+  trainable, opt_state = apply_update(optimizer, trainable, opt_state, grads)
+  return trainable, opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+
+def weighted_grad(loss_fn: LossFn, trainable: Params, frozen: Params, batch: dict,
+                  weights: Float[Array, "b"]) -> tuple[Params, dict]:
+  """``grad_theta g`` on one batch and the metrics ``loss`` (weighted) and ``nll`` (plain mean)."""
   (loss, losses), grads = jax.value_and_grad(weighted_loss, argnums=1, has_aux=True)(
       loss_fn, trainable, frozen, batch, weights)
-  updates, opt_state = optimizer.update(grads, opt_state, trainable)
-  trainable = optax.apply_updates(trainable, updates)
   valid = valid_rows(batch)
-  metrics = {"loss": loss, "nll": jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1.0),
-             "grad_norm": optax.tree.norm(grads)}
-  return trainable, opt_state, metrics
+  return grads, {"loss": loss, "nll": jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1.0)}
+
+
+def apply_update(optimizer: optax.GradientTransformation, trainable: Params,
+                 opt_state: optax.OptState, grads: Params) -> tuple[Params, optax.OptState]:
+  """One optimizer update of ``trainable`` by ``grads``."""
+  updates, opt_state = optimizer.update(grads, opt_state, trainable)
+  return optax.apply_updates(trainable, updates), opt_state
 
 
 def make_inner_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, donate: bool = True):
