@@ -252,6 +252,9 @@ def forward_last(params: Params, lora: Params | None, cfg: llama.LlamaConfig, lo
                  ) -> tuple[Float[Array, "b v"], llama.KVCache]:
   """Forward over new tokens through the cache; returns the logits of the last position only.
 
+  ``params["layers"]`` (and LoRA's) may be stacked or per-layer (``llama.unstack_layers``); the cache
+  must match (``llama.init_cache(..., per_layer=...)``).
+
   Unembedding only the last position avoids a ``[B, P, V]`` logits block at prefill (800 MB at
   B=32, P=128 for SmolLM2's 49k vocabulary).
   """
@@ -272,6 +275,13 @@ def _sample_padded(params: Params, lora: Params | None, tokens: Int[Array, "b p"
   segment_ids, positions = prompt_layout(prompt_lengths, p)
   cache = llama.init_cache(cfg, b, p + n)
   logits, cache = forward_last(params, lora, cfg, lora_scale, tokens, positions, segment_ids, cache)
+  # The decode loop runs the layers unrolled from per-layer params and a per-layer cache: a scan over
+  # the stacked layers inside the loop would copy each layer's weights and the whole cache at every
+  # step. The prefill (once per call) keeps the scan, which compiles faster.
+  params = {**params, "layers": llama.unstack_layers(params["layers"])}
+  if lora is not None:
+    lora = {**lora, "layers": llama.unstack_layers(lora["layers"])}
+  cache = cache._replace(k=tuple(cache.k), v=tuple(cache.v))
   state = SamplerState(
       step=jnp.zeros((), jnp.int32), cache=cache, logits=logits,
       history=jnp.full((b, margin + n), -1, jnp.int32),

@@ -294,11 +294,14 @@ class Layout:
 
   def cache(self, cache: Any) -> Any:
     """Shardings for a ``llama.KVCache`` (rows over data x fsdp where they divide, KV heads over
-    tensor where they divide)."""
-    return type(cache)(**{
-        name: self.sharding(logical_to_spec(CACHE_LOGICAL_AXES[name], _shape(x), self.mesh,
-                                            self.rules))
-        for name, x in cache._asdict().items()})
+    tensor where they divide); a per-layer cache gets one sharding per layer."""
+    def one(name, x):
+      axes = CACHE_LOGICAL_AXES[name]
+      if isinstance(x, (tuple, list)):  # per-layer k/v: each array lacks the "layers" axis
+        return tuple(self.sharding(logical_to_spec(axes[1:], _shape(a), self.mesh, self.rules))
+                     for a in x)
+      return self.sharding(logical_to_spec(axes, _shape(x), self.mesh, self.rules))
+    return type(cache)(**{name: one(name, x) for name, x in cache._asdict().items()})
 
   def rows(self, tree: Any) -> Any:
     """Leading-axis sharding over data x fsdp where it divides, else replicated (e.g. prompts)."""

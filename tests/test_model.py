@@ -82,6 +82,50 @@ def test_variants_run_and_cache_matches(overrides):
   np.testing.assert_allclose(jnp.concatenate([a, b], 1), full, atol=2e-5, rtol=2e-5)
 
 
+def test_per_layer_params_and_cache_equal_the_stacked_model():
+  """The unrolled path (unstacked params, per-layer cache) gives the stacked model's logits and cache.
+
+  LoRA's B factors are made non-zero so that the adapter contributes.
+  """
+  cfg = llama.tiny_config(qkv_bias=True)
+  params = llama.init_params(cfg, jax.random.key(7))
+  spec = lora.TrainableSpec(kind="lora", lora_rank=4)
+  lp = lora.init_lora(cfg, spec, jax.random.key(8))
+  lp = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(9), x.shape), lp)
+  toks = _tokens(cfg, 2, 9)
+  kw = dict(lora=lp, lora_scale=spec.lora_scale)
+  full, _ = llama.apply(params, cfg, toks, **kw)
+  unstacked = {**params, "layers": llama.unstack_layers(params["layers"])}
+  assert len(unstacked["layers"]) == cfg.n_layers
+  ukw = dict(lora={"layers": llama.unstack_layers(lp["layers"])}, lora_scale=spec.lora_scale)
+  np.testing.assert_allclose(llama.apply(unstacked, cfg, toks, **ukw)[0], full, atol=2e-5,
+                             rtol=2e-5)
+  stacked_cache = llama.init_cache(cfg, 2, 12)
+  cache = llama.init_cache(cfg, 2, 12, per_layer=True)
+  assert isinstance(cache.k, tuple) and len(cache.k) == cfg.n_layers
+  outs = []
+  for start, stop in ((0, 4), (4, 5), (5, 9)):
+    out, cache = llama.apply(unstacked, cfg, toks[:, start:stop], cache=cache, **ukw)
+    _, stacked_cache = llama.apply(params, cfg, toks[:, start:stop], cache=stacked_cache, **kw)
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5, rtol=2e-5)
+  assert int(cache.index) == 9
+  for i in range(cfg.n_layers):
+    np.testing.assert_allclose(cache.k[i], stacked_cache.k[i], atol=1e-6)
+    np.testing.assert_allclose(cache.v[i], stacked_cache.v[i], atol=1e-6)
+
+
+def test_cache_layout_must_match_the_params_layout(model):
+  cfg, params = model
+  toks = _tokens(cfg, 2, 3)
+  unstacked = {**params, "layers": llama.unstack_layers(params["layers"])}
+  with pytest.raises(ValueError, match="per-layer cache"):
+    llama.apply(unstacked, cfg, toks, cache=llama.init_cache(cfg, 2, 8))
+  with pytest.raises(ValueError, match="per-layer params"):
+    llama.apply(params, cfg, toks, cache=llama.init_cache(cfg, 2, 8, per_layer=True))
+  assert llama.unstack_layers(None) is None
+
+
 def test_bf16_compute_is_close_to_f32(model):
   cfg, params = model
   toks = _tokens(cfg, 2, 8)

@@ -121,18 +121,24 @@ def test_greedy_equals_argmax_of_full_forward_step_by_step():
     np.testing.assert_array_equal(out.sample_log_probs[row], 0.0)  # greedy is deterministic
 
 
-def test_cached_logits_equal_uncached_left_padded():
-  """Prefill + decode through the cache give the logits of one full forward per row."""
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_cached_logits_equal_uncached_left_padded(per_layer):
+  """Prefill + decode through the cache give the logits of one full forward per row.
+
+  ``per_layer`` is the sampler's layout (unstacked params, per-layer cache); False the stacked one.
+  """
   tokens, lengths = sampling.left_pad(PROMPTS, 16, 4, 0)
   seg, pos = sampling.prompt_layout(jnp.asarray(lengths), 16)
-  cache = llama.init_cache(CFG, 4, 20)
+  cache = llama.init_cache(CFG, 4, 20, per_layer=per_layer)
+  params = ({**PARAMS, "layers": llama.unstack_layers(PARAMS["layers"])} if per_layer
+            else PARAMS)
   forward = jax.jit(sampling.forward_last, static_argnums=(2, 3))
-  logits, cache = forward(PARAMS, None, CFG, 1.0, jnp.asarray(tokens), pos, seg, cache)
+  logits, cache = forward(params, None, CFG, 1.0, jnp.asarray(tokens), pos, seg, cache)
   next_tokens = np.array([[11, 23, 35], [2, 4, 6], [90, 1, 50], [0, 0, 0]], np.int32)
   step_logits = [np.asarray(logits)]
   for t in range(3):
     logits, cache = forward(
-        PARAMS, None, CFG, 1.0, jnp.asarray(next_tokens[:, t:t + 1]),
+        params, None, CFG, 1.0, jnp.asarray(next_tokens[:, t:t + 1]),
         jnp.asarray(lengths + t)[:, None], jnp.ones((4, 1), jnp.int32), cache)
     step_logits.append(np.asarray(logits))
   for row, prompt in enumerate(PROMPTS):

@@ -131,6 +131,18 @@ def test_batch_and_weight_logit_shardings():
   assert layout_for((2, 2, 2)).omega(11).spec == P()
 
 
+def test_cache_shardings_stacked_and_per_layer():
+  """KV heads split over tensor, rows over data x fsdp; a per-layer cache gets one spec per layer."""
+  lay = layout_for((2, 2, 2))
+  cfg = llama.tiny_config()  # 2 KV heads
+  stacked = lay.cache(jax.eval_shape(lambda: llama.init_cache(cfg, 4, 8)))
+  assert stacked.k.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+  per_layer = lay.cache(jax.eval_shape(lambda: llama.init_cache(cfg, 4, 8, per_layer=True)))
+  assert len(per_layer.k) == cfg.n_layers
+  assert all(sh.spec == P(("data", "fsdp"), None, "tensor", None) for sh in per_layer.v)
+  assert per_layer.segment_ids.spec == P(("data", "fsdp"), None)
+
+
 def _run_sft(layout, cfg, kind, steps=3, dtype=jnp.float32):
   spec = lora.TrainableSpec(kind, lora_rank=4)
   cfg = cfg.replace(dtype=jnp.dtype(dtype).name)
