@@ -591,3 +591,57 @@ def test_epoch_batches_cover_the_pool_and_pad():
   for b in epoch:
     real = b["index"] >= 0
     np.testing.assert_array_equal(b["x"][real], b["index"][real].astype(np.float32))
+
+
+def _numpy_truncated_cg(a, b, iters):
+  """Reference: textbook CG on a dense matrix, stopped at the first d . A d <= 0."""
+  v, r, d, rr = np.zeros_like(b), b.copy(), b.copy(), b @ b
+  for k in range(iters):
+    ad = a @ d
+    if not d @ ad > 0:
+      return (b if k == 0 else v), k, True
+    alpha = rr / (d @ ad)
+    v, r = v + alpha * d, r - alpha * ad
+    rr, rr_old = r @ r, rr
+    d = r + (rr / rr_old) * d
+  return v, iters, False
+
+
+def test_truncated_cg_solves_spd_and_stops_at_negative_curvature(x64):
+  rng = np.random.default_rng(0)
+  q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+  b = rng.normal(size=6)
+  split = lambda x: {"a": jnp.asarray(x[:2]), "b": jnp.asarray(x[2:])}  # a pytree right-hand side
+  join = lambda t: jnp.concatenate([t["a"], t["b"]])
+
+  def solve(a, iters, tol=1e-12):
+    matvec = lambda t: split(jnp.asarray(a) @ join(t))
+    v, k, neg = jax.jit(lambda rhs: hg.truncated_cg(matvec, rhs, iters, tol))(split(b))
+    return np.asarray(join(v)), int(k), bool(neg)
+
+  spd = q @ np.diag([0.5, 1.0, 2.0, 3.0, 5.0, 8.0]) @ q.T
+  v, k, neg = solve(spd, 20)
+  np.testing.assert_allclose(v, np.linalg.solve(spd, b), rtol=1e-9)
+  assert not neg and k <= 7  # exact in at most n = 6 steps (one more for round-off)
+  indefinite = q @ np.diag([-2.0, 0.3, 1.0, 2.0, 4.0, 7.0]) @ q.T
+  want_v, want_k, want_neg = _numpy_truncated_cg(indefinite, b, 20)
+  v, k, neg = solve(indefinite, 20)
+  assert want_neg and neg and k == want_k and k >= 1
+  np.testing.assert_allclose(v, want_v, rtol=1e-10)
+  v, k, neg = solve(-spd, 20)  # negative definite: stops at once and returns b
+  assert neg and k == 0
+  np.testing.assert_array_equal(v, b)
+  assert solve(spd, 2)[1] == 2  # the iteration cap
+
+
+def test_implicit_truncated_cg_matches_closed_form_ridge(x64):
+  train, val, logits = ridge_data(seed=1)
+  theta_star, expected = ridge_closed_form(train, val, logits)
+  problem = hg.Problem(ridge_loss, optax.sgd(0.1))
+  est = hg.Implicit(method="truncated_cg", iters=10)
+  grad, _, m = run(est, problem, est.init(problem, jnp.asarray(theta_star, F64)), logits, {},
+                   {"train": stack([train]), "val": val})
+  assert rel_err(grad, expected) <= 1e-8
+  assert float(m["negative_curvature"]) == 0.0 and 1 <= float(m["solver_iters"]) <= 4
+  with pytest.raises(ValueError, match="implicit method 'lu'"):
+    hg.Implicit(method="lu")

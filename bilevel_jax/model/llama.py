@@ -129,7 +129,11 @@ def unstack_layers(layers: Params | None) -> tuple[Params, ...] | None:
   if layers is None:
     return None
   n = jax.tree.leaves(layers)[0].shape[0]
-  return tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n))
+  # One split per leaf, not n slices: under autodiff a split transposes to one concatenate, while
+  # each slice would transpose to a zero-padded full-size array (n of them per leaf).
+  parts = jax.tree.map(lambda x: [p[0] for p in jnp.split(x, n)], layers)
+  return tuple(jax.tree.map(lambda x, i=i: x[i], parts, is_leaf=lambda x: isinstance(x, list))
+               for i in range(n))
 
 
 def init_params(cfg: LlamaConfig, key: Array, dtype=jnp.float32) -> Params:
