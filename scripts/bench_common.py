@@ -73,6 +73,10 @@ def machine_description(extra: dict[str, str] | None = None) -> dict[str, str]:
       "python": platform.python_version(),
       "load average (1/5/15 min) at start": "%.2f %.2f %.2f" % load_average(),
       "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+      "worker allocator": (f"GLIBC_TUNABLES={allocator_env()['GLIBC_TUNABLES']} (both sides)"
+                           if allocator_env() else
+                           f"as the environment sets it (GLIBC_TUNABLES="
+                           f"{os.environ.get('GLIBC_TUNABLES', 'unset')})"),
   }
   desc.update(extra or {})
   return desc
@@ -225,6 +229,24 @@ class WorkerError(RuntimeError):
   pass
 
 
+def allocator_env() -> dict[str, str]:
+  """``GLIBC_TUNABLES`` of ``bilevel_jax.allocator`` for every worker, JAX and PyTorch alike.
+
+  The library's CLI keeps freed step memory in the process (no ``mmap``/``munmap`` of each step's
+  temporaries); both sides of a benchmark get the same allocator so that the comparison stays one of
+  the frameworks. ``BILEVEL_JAX_MALLOC=default`` (or a ``GLIBC_TUNABLES`` already set) leaves the
+  environment as it is.
+  """
+  if os.environ.get("BILEVEL_JAX_MALLOC") == "default" or "GLIBC_TUNABLES" in os.environ:
+    return {}
+  sys.path.insert(0, str(REPO))
+  try:
+    from bilevel_jax import allocator
+  finally:
+    sys.path.pop(0)
+  return {"GLIBC_TUNABLES": allocator.GLIBC_TUNABLES}
+
+
 class Worker:
   """Orchestrator side of :func:`serve`: a benchmark side in its own process.
 
@@ -238,7 +260,7 @@ class Worker:
     self.name = name
     self.proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True, bufsize=1, cwd=REPO,
-                                 env={**os.environ, **(env or {})})
+                                 env={**os.environ, **allocator_env(), **(env or {})})
     self.info = self._reply()
 
   def _reply(self) -> dict:

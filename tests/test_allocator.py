@@ -1,0 +1,58 @@
+"""bilevel_jax.allocator: freed large blocks are reused instead of page-faulted in again.
+
+Each case runs in a fresh interpreter, since the malloc policy is process-wide and must be set
+before the allocations it should govern.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PROBE = textwrap.dedent("""
+    import os, resource, sys
+    from bilevel_jax import allocator
+    applied = allocator.keep_freed_memory()
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = (ctypes.c_void_p,)
+    n = 256 * 2**20  # 256 MiB: far above glibc's largest mmap threshold (32 MiB)
+    def touch():  # what a step does with its temporaries: allocate, write, free
+      p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)
+    touch()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    touch()
+    print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+def _probe(env_extra):
+  import os
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  env.update(env_extra)
+  out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                       check=True).stdout.split()
+  return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc policy")
+def test_freed_block_is_reused_without_page_faults():
+  applied, faults = _probe({})
+  assert applied
+  default_applied, default_faults = _probe({"BILEVEL_JAX_MALLOC": "default"})
+  assert not default_applied
+  # 256 MiB is 65536 pages of 4 KiB: glibc's default maps a fresh block and touches every page.
+  assert default_faults > 30000
+  assert faults < 1000
+
+
+def test_glibc_tunables_spell_the_same_policy():
+  from bilevel_jax import allocator
+  assert allocator.GLIBC_TUNABLES == ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                                      f"glibc.malloc.trim_threshold={allocator.TRIM_THRESHOLD}")
+  tunables_applied, faults = _probe({"GLIBC_TUNABLES": allocator.GLIBC_TUNABLES,
+                                     "BILEVEL_JAX_MALLOC": "default"})
+  if sys.platform.startswith("linux"):
+    assert not tunables_applied and faults < 1000
