@@ -6,10 +6,13 @@ SmolLM2-135M SFT step at batch 4 x 128 tokens). glibc serves a block that large 
 ``mmap`` and gives it back with ``munmap`` when the step ends, so the next step touches brand-new
 pages: on the project's 2-core VM that was 458k page faults and 0.85 s of system time in a 3.05 s
 step, and about 1.7 s when the step followed an idle pause (as it does when a benchmark alternates
-with PyTorch). With large blocks taken from the heap instead (no ``mmap``), one arena (so that
-XLA's threads allocate there too) and no trimming, the freed block is reused: 0 page faults and
-2.65 s (2.76 s after a pause). Transparent huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``)
-gave 2.38 s back to back but 4.17 s after a pause, so they are not used.
+with PyTorch). With large blocks taken from the heap instead (no ``mmap``), at most two arenas (a
+thread's arena then cannot hold such a block and glibc falls back to the main heap) and no
+trimming, the freed block is reused: a few thousand page faults instead and 2.46 s (2.52 s after a
+pause). One arena gave 2.65 s and slowed the sampler's decode loop by 12% (lock contention among
+XLA's threads); two did not slow it (4.98 vs 5.29 s at batch 8). Transparent huge pages
+(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``) gave 2.38 s back to back but 4.17 s after a pause, so
+they are not used.
 
 The settings are process-wide and must be made before the first large allocations of JAX's
 threads: :func:`keep_freed_memory` is the first thing the CLI does, before importing JAX.
@@ -30,9 +33,10 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int: the largest, i.e. trimming practically off
+ARENA_MAX = 2
 
 # The same policy as environment settings, read by glibc at process start.
-GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+GLIBC_TUNABLES = (f"glibc.malloc.arena_max={ARENA_MAX}:glibc.malloc.mmap_max=0:"
                   f"glibc.malloc.trim_threshold={TRIM_THRESHOLD}")
 
 
@@ -49,6 +53,6 @@ def keep_freed_memory() -> bool:
   except (OSError, AttributeError):
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  results = [mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0),
+  results = [mallopt(M_ARENA_MAX, ARENA_MAX), mallopt(M_MMAP_MAX, 0),
              mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
   return all(r == 1 for r in results)

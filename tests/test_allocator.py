@@ -50,7 +50,8 @@ def test_freed_block_is_reused_without_page_faults():
 
 def test_glibc_tunables_spell_the_same_policy():
   from bilevel_jax import allocator
-  assert allocator.GLIBC_TUNABLES == ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+  assert allocator.GLIBC_TUNABLES == (f"glibc.malloc.arena_max={allocator.ARENA_MAX}:"
+                                      "glibc.malloc.mmap_max=0:"
                                       f"glibc.malloc.trim_threshold={allocator.TRIM_THRESHOLD}")
   tunables_applied, faults = _probe({"GLIBC_TUNABLES": allocator.GLIBC_TUNABLES,
                                      "BILEVEL_JAX_MALLOC": "default"})
