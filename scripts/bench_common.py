@@ -73,10 +73,7 @@ def machine_description(extra: dict[str, str] | None = None) -> dict[str, str]:
       "python": platform.python_version(),
       "load average (1/5/15 min) at start": "%.2f %.2f %.2f" % load_average(),
       "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-      "worker allocator": (f"GLIBC_TUNABLES={allocator_env()['GLIBC_TUNABLES']} (both sides)"
-                           if allocator_env() else
-                           f"as the environment sets it (GLIBC_TUNABLES="
-                           f"{os.environ.get('GLIBC_TUNABLES', 'unset')})"),
+      "worker allocator": _allocator_description(),
   }
   desc.update(extra or {})
   return desc
@@ -245,6 +242,13 @@ def allocator_env() -> dict[str, str]:
   finally:
     sys.path.pop(0)
   return {"GLIBC_TUNABLES": allocator.GLIBC_TUNABLES}
+
+
+def _allocator_description() -> str:
+  env = allocator_env()
+  if env:
+    return f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (both sides)"
+  return f"as the environment sets it (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')})"
 
 
 class Worker:

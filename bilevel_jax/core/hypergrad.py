@@ -637,19 +637,25 @@ def truncated_cg(matvec, b: Params, iters: int, tol: float
 
 
 def solve_linear(matvec, b: Params, method: str, iters: int, alpha: float, tol: float
-                 ) -> Params:
+                 ) -> tuple[Params, dict[str, Array]]:
   """Approximately solves ``A v = b`` for a pytree ``b``: ``cg``, ``truncated_cg`` or Neumann.
 
   Neumann: ``v = alpha * sum_{j=0..iters} (I - alpha A)^j b``, which converges when
   ``0 < alpha < 2 / lambda_max(A)``; ``cg`` (``jax.scipy.sparse.linalg.cg``) needs ``A`` symmetric
   positive definite (add damping); ``truncated_cg`` (:func:`truncated_cg`) stops at non-positive
   curvature instead of diverging.
+
+  Returns:
+    ``v`` and the solver's own metrics: ``solver_iters`` and ``negative_curvature`` (1.0 when the
+    curvature test stopped it) for ``truncated_cg``, none for the others.
   """
   if method == "cg":
     v, _ = jax.scipy.sparse.linalg.cg(matvec, b, maxiter=iters, tol=tol)
-    return v
+    return v, {}
   if method == "truncated_cg":
-    return truncated_cg(matvec, b, iters, tol)[0]
+    v, k, negative = truncated_cg(matvec, b, iters, tol)
+    return v, {"solver_iters": k.astype(jnp.float32),
+               "negative_curvature": negative.astype(jnp.float32)}
   if method == "neumann":
     def body(_, carry):
       acc, term = carry
@@ -657,7 +663,7 @@ def solve_linear(matvec, b: Params, method: str, iters: int, alpha: float, tol: 
       return optax.tree.add(acc, term), term
 
     acc, _ = jax.lax.fori_loop(0, iters, body, (b, b))
-    return optax.tree.scale(alpha, acc)
+    return optax.tree.scale(alpha, acc), {}
   raise ValueError(f"unknown linear solver {method!r}: use one of {LINEAR_SOLVERS}")
 
 
@@ -717,13 +723,8 @@ class Implicit(Estimator):
 
     f, grad_f = jax.value_and_grad(mean_loss, argnums=1)(problem.loss_fn, params, frozen,
                                                          batches["val"])
-    solver = {}
-    if self.method == "truncated_cg":
-      v, k, negative = truncated_cg(matvec, grad_f, self.iters, self.tol)
-      solver = {"solver_iters": k.astype(jnp.float32),
-                "negative_curvature": negative.astype(jnp.float32)}
-    else:
-      v = solve_linear(matvec, grad_f, self.method, self.iters, self.neumann_alpha, self.tol)
+    v, solver = solve_linear(matvec, grad_f, self.method, self.iters, self.neumann_alpha,
+                             self.tol)
     residual = optax.tree.norm(optax.tree.sub(matvec(v), grad_f)) / jnp.maximum(
         optax.tree.norm(grad_f), 1e-30)
     mixed = directional_losses(problem.loss_fn, params, frozen, batch, v)

@@ -20,8 +20,9 @@ Layers are stacked on a leading axis and run with ``lax.scan`` so that compile t
 with depth. Decoding runs them unrolled instead, from per-layer params (:func:`unstack_layers`) and a
 per-layer cache (``init_cache(..., per_layer=True)``): inside a decode ``while_loop``, a scan over
 stacked layers copies every layer's weights out of the stack at every step and rewrites the whole
-stacked cache as its output, which made decoding at batch 32 about 1.35 x slower on a 2-core CPU. Attention masks come from ``segment_ids`` (0 = padding, equal ids attend to each other)
-and causal order of the *slots* (sequence index, or cache slot while decoding), so the same code serves
+stacked cache as its output, which made decoding at batch 32 about 1.35 x slower on a 2-core CPU.
+Attention masks come from ``segment_ids`` (0 = padding, equal ids attend to each other) and causal
+order of the *slots* (sequence index, or cache slot while decoding), so the same code serves
 right-padded training batches, packed rows and left-padded sampling prompts.
 """
 
@@ -130,12 +131,11 @@ def unstack_layers(layers: Params | None) -> tuple[Params, ...] | None:
   """
   if layers is None:
     return None
-  n = jax.tree.leaves(layers)[0].shape[0]
-  # One split per leaf, not n slices: under autodiff a split transposes to one concatenate, while
-  # each slice would transpose to a zero-padded full-size array (n of them per leaf).
-  parts = jax.tree.map(lambda x: [p[0] for p in jnp.split(x, n)], layers)
-  return tuple(jax.tree.map(lambda x, i=i: x[i], parts, is_leaf=lambda x: isinstance(x, list))
-               for i in range(n))
+  leaves, treedef = jax.tree.flatten(layers)
+  # One unstack per leaf, not n slices: under autodiff it transposes to one stack, while each slice
+  # would transpose to a zero-padded full-size array (n of them per leaf).
+  parts = [jnp.unstack(x) for x in leaves]
+  return tuple(treedef.unflatten(layer) for layer in zip(*parts))
 
 
 def init_params(cfg: LlamaConfig, key: Array, dtype=jnp.float32) -> Params:
