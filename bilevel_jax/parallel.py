@@ -374,7 +374,7 @@ def plan_from_config(cfg, print_fn: Callable[[str], None] | None = print) -> lis
   layout = layout_from_config(cfg)
   t = cfg.model.trainable
   spec = lora.TrainableSpec(kind=t.kind, n_layers=t.n_layers, lora_rank=t.lora_rank,
-                            lora_alpha=t.lora_alpha)
+                            lora_alpha=t.lora_alpha, per_layer=t.per_layer)
   dtype, seq = jnp.dtype(cfg.model.dtype), cfg.data.max_len
   ft = sft.sgd_or_adam(cfg.finetune.optimizer, cfg.finetune.lr,
                        weight_decay=cfg.finetune.weight_decay)

@@ -53,6 +53,19 @@ def test_round_trip_restores_everything_bitwise(tmp_path):
   assert type(got.state["opt_state"][0]).__name__ == "ScaleByAdamState"
 
 
+def test_per_layer_params_round_trip_as_a_tuple(tmp_path):
+  """``TrainableSpec(per_layer=True)`` keeps layers in a tuple; it must come back as one."""
+  layers = tuple({"w": jnp.full((2, 3), float(i)), "n": jnp.arange(3.0) + i} for i in range(3))
+  state = {"params": {"layers": layers, "embed": jnp.ones((4, 2))}, "count": jnp.int32(7)}
+  with _manager(tmp_path) as m:
+    m.save(1, state)
+  template = jax.tree.map(jnp.zeros_like, state)
+  with _manager(tmp_path) as m:
+    got = m.restore_latest(template)
+  assert isinstance(got.state["params"]["layers"], tuple)
+  _assert_bitwise_equal(got.state, state)
+
+
 def test_empty_directory_gives_none(tmp_path):
   with _manager(tmp_path) as m:
     assert m.restore_latest(_state(0)) is None

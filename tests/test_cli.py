@@ -160,3 +160,26 @@ def test_plan_prints_a_memory_table(cfg_file, capsys):
   assert cli.main(["plan", "--config", str(cfg_file), "--config.data.batch_size=8",
                    "--config.data.val_batch_size=8", "--config.finetune.batch_size=8"]) == 0
   assert "memory plan: model tiny" in capsys.readouterr().out
+
+
+def test_per_layer_full_model_selects_and_finetunes_like_the_stacked_one(cfg_file, tmp_path,
+                                                                       monkeypatch):
+  """``model.trainable.per_layer`` changes how the layers are stored and run, not the results."""
+  monkeypatch.setenv("BILEVEL_JAX_COMPILE_CACHE", "")
+  runs = {}
+  for per_layer in (False, True):
+    wd = tmp_path / f"per_layer_{per_layer}"
+    args = ["--config", str(cfg_file), f"--config.workdir={wd}",
+            "--config.model.trainable.kind=full", f"--config.model.trainable.per_layer={per_layer}",
+            "--config.run.methods=('bds',)", "--config.evaluate.n_gsm8k=0"]
+    assert cli.main(["select"] + args) == 0
+    assert cli.main(["finetune"] + args) == 0
+    runs[per_layer] = wd
+  for name in ("logits", "weights"):
+    stacked, per_layer = (np.load(runs[p] / "select_bds" / f"{name}.npy") for p in (False, True))
+    assert np.std(stacked) > 0  # the selection moved the weights
+    np.testing.assert_allclose(per_layer, stacked, rtol=1e-4, atol=1e-6)
+  losses = {p: [r["loss"] for r in M.read_jsonl(runs[p] / "finetune_bds" / "metrics.jsonl")]
+            for p in (False, True)}
+  assert len(losses[False]) == 4  # finetune.steps
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)

@@ -136,11 +136,12 @@ def numpy_init(shapes, rng, offset=0.0):
   return jax.tree_util.tree_map_with_path(one, shapes)
 
 
-def decoder_setup(kind, seed=0, b=3, t=8):
+def decoder_setup(kind, seed=0, b=3, t=8, per_layer=False):
   cfg = llama.tiny_config(dtype="float64", n_layers=2)
   rng = np.random.default_rng(seed)
   params = numpy_init(jax.eval_shape(lambda k: llama.init_params(cfg, k), jax.random.key(0)), rng)
-  spec = lora.TrainableSpec(kind=kind, lora_rank=2, lora_targets=("wq", "wv", "w_down"))
+  spec = lora.TrainableSpec(kind=kind, lora_rank=2, lora_targets=("wq", "wv", "w_down"),
+                            n_layers=1, per_layer=per_layer)
   lora_params = None
   if kind == "lora":
     # Both factors random (B is zero in a fresh adapter) so the adapter matters from the first step.
@@ -511,6 +512,30 @@ def test_unroll_adjoint_backward_equals_autodiff_decoder(x64, kind):
     grads.append(step(logits)[0])
   assert np.linalg.norm(grads[0]) > 1e-3
   np.testing.assert_allclose(grads[1], grads[0], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["full", "last_n_layers"])
+def test_per_layer_trainable_gives_the_stacked_hypergradient(x64, kind):
+  """``TrainableSpec(per_layer=True)`` runs the layers unrolled; the maths must not change."""
+  problem_grads, inner_params = [], []
+  for per_layer in (False, True):
+    trainable, frozen, loss_fn, train_list, val = decoder_setup(kind, seed=2, per_layer=per_layer)
+    assert isinstance(trainable["layers"], tuple) == per_layer
+    problem = hg.Problem(loss_fn, sft.sgd_or_adam("adam", 0.05))
+    logits = jnp.asarray([0.4, -0.3, 0.2, 0.1, -0.5], F64)
+    est = hg.Unroll(k=2)
+    batches = {"train": stack(train_list), "val": val}
+    step = jax.jit(lambda lg, e=est, p=problem, tr=trainable, fr=frozen: e(
+        p, e.init(p, tr), lg, fr, batches, None)).lower(logits).compile(
+        compiler_options={"xla_backend_optimization_level": 0})
+    grad, state, _ = step(logits)
+    problem_grads.append(grad)
+    spec = lora.TrainableSpec(kind=kind, n_layers=1, per_layer=per_layer)
+    inner_params.append(lora.merge(spec, state.params, frozen)[0])
+  assert np.linalg.norm(problem_grads[0]) > 1e-3
+  np.testing.assert_allclose(problem_grads[1], problem_grads[0], rtol=1e-10, atol=1e-14)
+  for x, y in zip(jax.tree.leaves(inner_params[1]), jax.tree.leaves(inner_params[0])):
+    np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-14)
 
 
 def test_unroll_truncation_warm_starts_the_inner_state(x64):

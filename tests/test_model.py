@@ -135,12 +135,18 @@ def test_bf16_compute_is_close_to_f32(model):
   assert float(jnp.max(jnp.abs(bf16 - f32))) < 0.1 * float(jnp.max(jnp.abs(f32)))
 
 
-@pytest.mark.parametrize("kind", ["full", "lora", "last_n_layers"])
-def test_trainable_split_gives_the_full_model_and_merges_back(model, kind):
+@pytest.mark.parametrize("kind,per_layer", [("full", False), ("lora", False),
+                                            ("last_n_layers", False), ("full", True),
+                                            ("last_n_layers", True)])
+def test_trainable_split_gives_the_full_model_and_merges_back(model, kind, per_layer):
   cfg, params = model
-  spec = lora.TrainableSpec(kind=kind, n_layers=1, lora_rank=4)
+  spec = lora.TrainableSpec(kind=kind, n_layers=1, lora_rank=4, per_layer=per_layer)
   lora_params = lora.init_lora(cfg, spec, jax.random.key(5)) if kind == "lora" else None
   trainable, frozen = lora.split(spec, cfg, params, lora_params)
+  if per_layer:  # a tuple of per-layer dicts whose leaves lack the layer axis
+    n = cfg.n_layers if kind == "full" else 1
+    assert isinstance(trainable["layers"], tuple) and len(trainable["layers"]) == n
+    assert trainable["layers"][-1]["wq"].shape == params["layers"]["wq"].shape[1:]
   toks = _tokens(cfg, 2, 6)
   batch = {"tokens": toks, "positions": jnp.broadcast_to(jnp.arange(6), (2, 6)),
            "segment_ids": jnp.ones((2, 6), jnp.int32)}
@@ -153,6 +159,18 @@ def test_trainable_split_gives_the_full_model_and_merges_back(model, kind):
   for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
     np.testing.assert_array_equal(x, y)
   assert (merged_lora is None) == (kind != "lora")
+
+
+def test_per_layer_is_refused_for_lora_and_stack_layers_inverts_unstack(model):
+  cfg, params = model
+  with pytest.raises(ValueError, match="per_layer applies to trainable kinds full and last_n_layers"):
+    lora.TrainableSpec(kind="lora", per_layer=True)
+  layers = params["layers"]
+  assert llama.stack_layers(layers) is layers  # stacked params pass through
+  restacked = llama.stack_layers(llama.unstack_layers(layers))
+  assert jax.tree.structure(restacked) == jax.tree.structure(layers)
+  for x, y in zip(jax.tree.leaves(restacked), jax.tree.leaves(layers)):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_lora_update_changes_the_model_only_through_b(model):

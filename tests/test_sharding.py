@@ -89,6 +89,14 @@ def test_param_specs_follow_logical_rules():
              for s in jax.tree.leaves(dp.params(shapes)))
   with pytest.raises(ValueError, match="no logical axes for param 'layers/mystery'"):
     lay.params({"layers": {"mystery": jnp.zeros((2, 3))}})
+  # Per-layer params (TrainableSpec(per_layer=True)): each layer's leaves lack the layer axis.
+  per_layer = jax.eval_shape(
+      lambda p: lora.split(lora.TrainableSpec("full", per_layer=True), cfg, p)[0], shapes)
+  pspecs = jax.tree.map(lambda s: s.spec, lay.params(per_layer))
+  assert len(pspecs["layers"]) == cfg.n_layers
+  assert pspecs["layers"][1]["wq"] == P("fsdp", "tensor")
+  assert pspecs["layers"][1]["w_down"] == P("tensor", "fsdp")
+  assert pspecs["layers"][0]["attn_norm"] == P(None)
 
 
 def test_params_are_born_sharded_and_equal_the_unsharded_init():

@@ -138,6 +138,16 @@ def unstack_layers(layers: Params | None) -> tuple[Params, ...] | None:
   return tuple(treedef.unflatten(layer) for layer in zip(*parts))
 
 
+def stack_layers(layers: Params | tuple[Params, ...] | None) -> Params | None:
+  """Stacked params from per-layer ones (the inverse of :func:`unstack_layers`).
+
+  Stacked params pass through unchanged, so callers need not know which layout they hold.
+  """
+  if not isinstance(layers, (tuple, list)):
+    return layers
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+
+
 def init_params(cfg: LlamaConfig, key: Array, dtype=jnp.float32) -> Params:
   """Random params with the layout of a real checkpoint (normal init, scaled by fan-in)."""
   d, f, hd, L = cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.n_layers
