@@ -116,7 +116,7 @@ def available_gb() -> float:
 # ----------------------------------------------------------------------------- JAX side
 
 
-def jax_worker(kind: str, layer_remat: bool) -> None:
+def jax_worker(kind: str, layer_remat: bool, per_layer: bool = False) -> None:
   import jax
   import jax.numpy as jnp
 
@@ -125,7 +125,8 @@ def jax_worker(kind: str, layer_remat: bool) -> None:
 
   cfg, params, _ = load.load_smollm2()
   cfg = cfg.replace(remat=layer_remat)
-  spec = lora.TrainableSpec(kind=kind, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA)
+  spec = lora.TrainableSpec(kind=kind, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA,
+                            per_layer=per_layer and kind != "lora")
   adapters = lora.init_lora(cfg, spec, jax.random.key(1)) if kind == "lora" else None
   trainable, frozen = lora.split(spec, cfg, params, adapters)
   del params
@@ -395,7 +396,7 @@ def run_torch_only(kind: str, ks: tuple[int, ...], rounds: int, env: dict) -> di
 
 
 def run(kinds=("lora", "full"), rounds: int = 3, write_docs: bool = True, torch: bool = True,
-        labels: list[str] | None = None, layer_remat: bool = False,
+        labels: list[str] | None = None, layer_remat: bool = False, per_layer: bool = False,
         torch_ks: tuple[int, ...] | None = None) -> dict:
   """Runs the benchmark; returns per-kind results and (optionally) rewrites the ``hypergrad`` section.
 
@@ -409,6 +410,8 @@ def run(kinds=("lora", "full"), rounds: int = 3, write_docs: bool = True, torch:
   section = "hypergrad" if "lora" in kinds else "hypergrad-" + "-".join(kinds)
   if subset:
     section = "hypergrad-only-" + "-".join(kinds)
+  if per_layer:
+    section += "-per-layer"
   results_labels = labels if subset else None
   if torch:
     import subprocess
@@ -419,6 +422,7 @@ def run(kinds=("lora", "full"), rounds: int = 3, write_docs: bool = True, torch:
   unroll_ks = {CONFIGS[l][1]["k"] for l in labels if CONFIGS[l][0] == "unroll"}
   torch_ks = tuple(sorted(unroll_ks & set(torch_ks) if torch_ks is not None else unroll_ks))
   results = {"_machine": bc.machine_description(), "_layer_remat": layer_remat,
+             "_per_layer": per_layer,
              "_labels": results_labels}
   for kind in kinds:
     ok, why = _fits(NEED_GB[("jax", kind)])
@@ -427,7 +431,7 @@ def run(kinds=("lora", "full"), rounds: int = 3, write_docs: bool = True, torch:
       print(f"[hypergrad/{kind}] JAX skipped: {why}", flush=True)
       continue
     argv = [bc.JAX_PYTHON, script, "--worker", "jax", "--kind", kind] + (
-        ["--layer-remat"] if layer_remat else [])
+        ["--layer-remat"] if layer_remat else []) + (["--per-layer"] if per_layer else [])
     tw = None
     torch_side = {}
     if torch and kind == "lora":  # small enough to alternate with the JAX side
@@ -483,6 +487,13 @@ def _mem_target(info: dict, configs: dict) -> list[str]:
                    f"{'met' if growth <= allowed else 'MISSED'})")
   return lines
 
+
+def layout_words(results: dict) -> str:
+  """How the trainable layers are stored, for the section's header."""
+  if results.get("_per_layer"):
+    return ("the full model's layers stored per layer (`TrainableSpec(per_layer=True)`: run "
+            "unrolled, not under `lax.scan`; the SFT step of the ratio uses the same layout)")
+  return "layers stacked (run under `lax.scan`)"
 
 def render(results: dict, rounds: int) -> str:
   sections = []
@@ -540,12 +551,14 @@ def render(results: dict, rounds: int) -> str:
     only = ",".join(results["_labels"])
     title = (f"Hypergradient estimators, {only} on {' and '.join(kinds)} "
              f"(`scripts/bench_hypergrad.py --kinds {','.join(kinds)} --only \"{only}\"`)")
+  if results.get("_per_layer"):
+    title += ", trainable layers stored per layer (`--per-layer`)"
   return f"""## {title}
 
 SmolLM2-135M-Instruct (real weights), f32, B={BATCH}, T={SEQ}, inner optimizer SGD (lr {INNER_LR}),
 logits optimizer Adam (`select.make_outer_step`, donated state), LoRA rank {LORA_RANK} on every
 projection of every layer, or full fine-tuning; per-layer remat of the model
-{'on' if results['_layer_remat'] else 'off'}; `unroll` is `Unroll(backward="adjoint")` (the reverse
+{'on' if results['_layer_remat'] else 'off'}; {layout_words(results)}; `unroll` is `Unroll(backward="adjoint")` (the reverse
 pass written by hand, the default since 2026-11-30; labels in brackets are opt-in variants, and
 `autodiff` ones are `jax.value_and_grad` through the scan with `jax.checkpoint` (`nothing_saveable`)
 on the inner step, peeling the first step from K=3 on, as in tables of earlier runs: "Profile of
@@ -574,18 +587,21 @@ def main(argv=None) -> None:
   p.add_argument("--rounds", type=int, default=3, help="timed runs per outer step")
   p.add_argument("--only", default="", help="comma-separated config labels (default: all)")
   p.add_argument("--layer-remat", action="store_true", help="per-layer remat in the model")
+  p.add_argument("--per-layer", action="store_true",
+                 help="full / last layers stored per layer (TrainableSpec(per_layer=True))")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
   p.add_argument("--torch-ks", default="", help="comma-separated K for the PyTorch side (default: all)")
   p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
   p.add_argument("--json", default="", help="also dump raw results to this file")
   args = p.parse_args(argv)
   if args.worker == "jax":
-    return jax_worker(args.kind, args.layer_remat)
+    return jax_worker(args.kind, args.layer_remat, args.per_layer)
   if args.worker == "torch":
     return torch_worker(args.kind)
   labels = [s.strip() for s in args.only.split(",") if s.strip()] or None
   results = run(tuple(args.kinds.split(",")), args.rounds, write_docs=not args.no_docs,
                 torch=not args.no_torch, labels=labels, layer_remat=args.layer_remat,
+                per_layer=args.per_layer,
                 torch_ks=tuple(int(x) for x in args.torch_ks.split(",") if x) or None)
   if args.json:
     Path(args.json).write_text(json.dumps(results, default=lambda o: getattr(o, "seconds", str(o)),

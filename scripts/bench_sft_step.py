@@ -33,6 +33,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2-135M: what the FLOP count needs, without importing JAX in the orchestrator.
 MODEL = dict(vocab=49152, d=576, layers=30, heads=9, kv_heads=3, head_dim=64, ff=1536)
 THREADS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+KINDS = ("full", "lora", "full_per_layer")
 
 
 def gguf_dir() -> str:
@@ -56,7 +57,7 @@ def step_flops(kind: str, b: int = BATCH, t: int = SEQ, m: dict = MODEL) -> floa
   attention = 4 * b * t * t * m["heads"] * hd * m["layers"]
   head = 2 * tokens * d * m["vocab"]
   forward = layers + attention + head
-  if kind == "full":
+  if kind.startswith("full"):
     return 3 * forward
   lora_params = m["layers"] * LORA_RANK * (
       (d + m["heads"] * hd) * 2 + (d + m["kv_heads"] * hd) * 2 + 3 * (d + f))
@@ -95,7 +96,9 @@ def jax_worker(kind: str) -> None:
   except (ImportError, AttributeError):  # before the loader existed: same shapes and FLOPs
     cfg = llama.SMOLLM2_135M
     params, source = llama.init_params(cfg, jax.random.key(0)), "random params (same shapes)"
-  spec = lora.TrainableSpec(kind=kind, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA)
+  # ``full_per_layer``: the full model with its layers stored per layer (run unrolled, no scan).
+  spec = lora.TrainableSpec(kind=kind.removesuffix("_per_layer"), lora_rank=LORA_RANK,
+                            lora_alpha=LORA_ALPHA, per_layer=kind.endswith("_per_layer"))
   adapters = lora.init_lora(cfg, spec, jax.random.key(1)) if kind == "lora" else None
   trainable, frozen = lora.split(spec, cfg, params, adapters)
   del params
@@ -292,7 +295,7 @@ One AdamW step on the token-mean response NLL, SmolLM2-135M-Instruct, B={BATCH},
 process; peak RSS is the process's resident peak over the timed steps (params, optimizer state,
 activations). CPU s is the worker process's user + system time in the step, all threads: on this
 shared machine the wall time also holds the time a side waited for a core. FLOPs per step
-(matmuls): {", ".join(f"{results[k]['flops'] / 1e9:.0f} G ({k})" for k in ("full", "lora") if k in results)};
+(matmuls): {", ".join(f"{results[k]['flops'] / 1e9:.0f} G ({k})" for k in KINDS if k in results)};
 "of peak" is against the best plain f32 matmul measured in this run.
 
 {table}
@@ -307,8 +310,10 @@ Machine:
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
-  p.add_argument("--kind", default="full", choices=("full", "lora"), help=argparse.SUPPRESS)
-  p.add_argument("--kinds", default="full,lora", help="comma-separated: full, lora")
+  p.add_argument("--kind", default="full", choices=KINDS, help=argparse.SUPPRESS)
+  p.add_argument("--kinds", default="full,lora",
+                 help="comma-separated: full, lora, full_per_layer (the full model stored per "
+                      "layer, TrainableSpec(per_layer=True); PyTorch runs its usual full step)")
   p.add_argument("--rounds", type=int, default=7, help="alternating rounds (steps per side)")
   p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
   args = p.parse_args(argv)
