@@ -17,8 +17,9 @@ PROBE = textwrap.dedent("""
     import ctypes
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = (ctypes.c_size_t,)
     libc.free.argtypes = (ctypes.c_void_p,)
-    n = 256 * 2**20  # 256 MiB: far above glibc's largest mmap threshold (32 MiB)
+    n = int(sys.argv[1])
     def touch():  # what a step does with its temporaries: allocate, write, free
       p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)
     touch()
@@ -28,23 +29,30 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(env_extra):
+MIB = 2**20
+# 256 MiB: far above glibc's largest mmap threshold (32 MiB). 2.5 GiB: above the largest trim
+# threshold mallopt's int could set (2**31 - 1), the size of the full model's `unroll` temporaries.
+SIZES = (256 * MIB, 2560 * MIB)
+
+
+def _probe(env_extra, size=SIZES[0]):
   import os
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   env.update(env_extra)
-  out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
-                       check=True).stdout.split()
+  out = subprocess.run([sys.executable, "-c", PROBE, str(size)], env=env, capture_output=True,
+                       text=True, check=True).stdout.split()
   return out[0] == "True", int(out[1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc policy")
-def test_freed_block_is_reused_without_page_faults():
-  applied, faults = _probe({})
+@pytest.mark.parametrize("size", SIZES)
+def test_freed_block_is_reused_without_page_faults(size):
+  applied, faults = _probe({}, size)
   assert applied
-  default_applied, default_faults = _probe({"BILEVEL_JAX_MALLOC": "default"})
+  default_applied, default_faults = _probe({"BILEVEL_JAX_MALLOC": "default"}, size)
   assert not default_applied
-  # 256 MiB is 65536 pages of 4 KiB: glibc's default maps a fresh block and touches every page.
-  assert default_faults > 30000
+  # Each block is size / 4 KiB pages: glibc's default maps a fresh block and touches every page.
+  assert default_faults > size // 4096 // 2
   assert faults < 1000
 
 
@@ -53,7 +61,8 @@ def test_glibc_tunables_spell_the_same_policy():
   assert allocator.GLIBC_TUNABLES == (f"glibc.malloc.arena_max={allocator.ARENA_MAX}:"
                                       "glibc.malloc.mmap_max=0:"
                                       f"glibc.malloc.trim_threshold={allocator.TRIM_THRESHOLD}")
-  tunables_applied, faults = _probe({"GLIBC_TUNABLES": allocator.GLIBC_TUNABLES,
-                                     "BILEVEL_JAX_MALLOC": "default"})
-  if sys.platform.startswith("linux"):
-    assert not tunables_applied and faults < 1000
+  for size in SIZES:
+    tunables_applied, faults = _probe({"GLIBC_TUNABLES": allocator.GLIBC_TUNABLES,
+                                       "BILEVEL_JAX_MALLOC": "default"}, size)
+    if sys.platform.startswith("linux"):
+      assert not tunables_applied and faults < 1000
