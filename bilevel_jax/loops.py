@@ -196,9 +196,7 @@ def prepare(cfg) -> Context:
              dict(layout.mesh.shape), layout.mesh.devices.size, jax.devices()[0].platform,
              jax.process_count(), cfg.mesh.rules, cfg.mesh.weights)
   mcfg, params, tok = build_model(cfg)
-  t = cfg.model.trainable
-  spec = lora_lib.TrainableSpec(kind=t.kind, n_layers=t.n_layers, lora_rank=t.lora_rank,
-                                lora_alpha=t.lora_alpha, per_layer=t.per_layer)
+  spec = lora_lib.TrainableSpec.from_config(cfg.model.trainable)
   lora = (lora_lib.init_lora(mcfg, spec, jax.random.fold_in(jax.random.key(cfg.seed), 11))
           if spec.kind == "lora" else None)
   trainable, frozen = lora_lib.split(spec, mcfg, params, lora)

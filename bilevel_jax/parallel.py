@@ -372,9 +372,7 @@ def plan_from_config(cfg, print_fn: Callable[[str], None] | None = print) -> lis
 
   mcfg = model_config_from_run_config(cfg)
   layout = layout_from_config(cfg)
-  t = cfg.model.trainable
-  spec = lora.TrainableSpec(kind=t.kind, n_layers=t.n_layers, lora_rank=t.lora_rank,
-                            lora_alpha=t.lora_alpha, per_layer=t.per_layer)
+  spec = lora.TrainableSpec.from_config(cfg.model.trainable)
   dtype, seq = jnp.dtype(cfg.model.dtype), cfg.data.max_len
   ft = sft.sgd_or_adam(cfg.finetune.optimizer, cfg.finetune.lr,
                        weight_decay=cfg.finetune.weight_decay)

@@ -495,6 +495,7 @@ def layout_words(results: dict) -> str:
             "unrolled, not under `lax.scan`; the SFT step of the ratio uses the same layout)")
   return "layers stacked (run under `lax.scan`)"
 
+
 def render(results: dict, rounds: int) -> str:
   sections = []
   for kind in ("lora", "full"):

@@ -59,6 +59,12 @@ class TrainableSpec:
     if self.per_layer and self.kind == "lora":
       raise ValueError("per_layer applies to trainable kinds full and last_n_layers, not lora")
 
+  @classmethod
+  def from_config(cls, t) -> "TrainableSpec":
+    """The spec of a run config's ``model.trainable`` block (the CLI and ``plan`` share it)."""
+    return cls(kind=t.kind, n_layers=t.n_layers, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha,
+               per_layer=t.per_layer)
+
   @property
   def lora_scale(self) -> float:
     return self.lora_alpha / self.lora_rank
