@@ -42,7 +42,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from bilevel_jax import checkpoint as ckpt_lib
 from bilevel_jax import config as config_lib
@@ -447,9 +446,8 @@ def run_select(ctx: Context, method: str = "bds", estimator: str | None = None,
   kwargs.update(estimator_kwargs)
   est = hypergrad.make_estimator(name, **kwargs)
   problem = selection_problem(ctx)
-  logit_opt = (optax.sgd(1.0) if est.closed_form else
-               optax.adam(cfg.select.logits_lr) if cfg.select.logits_optimizer == "adam"
-               else optax.sgd(cfg.select.logits_lr))
+  logit_opt = select_lib.make_logit_optimizer(est, cfg.select.logits_optimizer,
+                                               cfg.select.logits_lr)
   n, bsz = len(ctx.pool), cfg.data.batch_size
   steps = cfg.select.steps
   if est.closed_form:  # Fitting steps, then at least one scoring pass over the whole pool.

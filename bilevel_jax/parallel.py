@@ -365,9 +365,7 @@ def plan_from_config(cfg, print_fn: Callable[[str], None] | None = print) -> lis
   Compiles both on the configured mesh from shapes alone (no weights are loaded, nothing is
   allocated) and prints the per-device table.
   """
-  import optax
-
-  from bilevel_jax.core import hypergrad, sft
+  from bilevel_jax.core import hypergrad, select, sft
   from bilevel_jax.model import lora
 
   mcfg = model_config_from_run_config(cfg)
@@ -381,8 +379,7 @@ def plan_from_config(cfg, print_fn: Callable[[str], None] | None = print) -> lis
   loss_fn = sft.make_loss_fn(lora.make_logits_fn(spec, mcfg))
   problem = hypergrad.Problem(loss_fn, sft.sgd_or_adam(s.inner_optimizer, s.inner_lr),
                               s.parametrization)
-  logit_opt = (optax.sgd(1.0) if est.closed_form else optax.adam(s.logits_lr)
-               if s.logits_optimizer == "adam" else optax.sgd(s.logits_lr))
+  logit_opt = select.make_logit_optimizer(est, s.logits_optimizer, s.logits_lr)
   n = cfg.data.pool_size or 1024  # the logit vector's length barely matters for memory
   n = int(math.ceil(n / layout.mesh.shape["data"]) * layout.mesh.shape["data"])
   entries = [plan_sft(mcfg, spec, ft, layout, cfg.finetune.batch_size, seq, dtype,

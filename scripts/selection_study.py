@@ -36,7 +36,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 
 from bilevel_jax.core import hypergrad, select as select_lib, sft  # noqa: E402
 from bilevel_jax.data import stats  # noqa: E402
@@ -447,8 +446,7 @@ def run_estimator(name: str, data: StudyData, m: StudyModel, s: dict, kw: dict, 
   n = len(data.pool)
   est, kwargs = make_estimator(name, s, kw, n)
   problem = hypergrad.Problem(m.loss_fn, inner_optimizer(s), s["parametrization"])
-  logit_opt = (optax.sgd(1.0) if est.closed_form else
-               optax.adam(s["logit_lr"]) if s["logit_opt"] == "adam" else optax.sgd(s["logit_lr"]))
+  logit_opt = select_lib.make_logit_optimizer(est, s["logit_opt"], s["logit_lr"])
   steps = s["steps"]
   if est.closed_form:  # fitting, then one scoring pass over the whole pool
     steps = est.warmup_steps + -(-n // s["batch_size"])

@@ -606,6 +606,21 @@ def test_select_driver_runs_resumes_and_keeps_caller_params():
   assert rest.metrics[-1]["step"] == 6
 
 
+def test_logit_optimizer_by_name():
+  logits, grad = jnp.zeros(3), jnp.asarray([0.5, -2.0, 0.0])
+  sgd = sel.make_logit_optimizer(hg.Penalty(), "sgd", 0.1)
+  step, _ = sgd.update(grad, sgd.init(logits), logits)
+  np.testing.assert_allclose(step, -0.1 * grad)  # keeps each pair's score magnitude
+  adam = sel.make_logit_optimizer(hg.Penalty(), "adam", 0.1)
+  step, _ = adam.update(grad, adam.init(logits), logits)
+  np.testing.assert_allclose(step, [-0.1, 0.1, 0.0], atol=1e-6)  # first Adam step: the sign only
+  closed = sel.make_logit_optimizer(hg.LikelihoodRatio(), "adam", 0.1)
+  step, _ = closed.update(grad, closed.init(logits), logits)
+  np.testing.assert_allclose(step, -grad)  # closed form: one step assigns the value
+  with pytest.raises(ValueError, match="'rmsprop'"):
+    sel.make_logit_optimizer(hg.Penalty(), "rmsprop")
+
+
 def test_epoch_batches_cover_the_pool_and_pad():
   arrays = {"x": np.arange(7, dtype=np.float32)}
   it = sel.epoch_batches(arrays, 3, seed=1)

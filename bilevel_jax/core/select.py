@@ -70,12 +70,21 @@ class SelectResult(NamedTuple):
   state: SelectState
 
 
+def make_logit_optimizer(estimator: hypergrad.Estimator, name: str = "adam",
+                         learning_rate: float = 0.05) -> optax.GradientTransformation:
+  """``name`` (``"adam"`` or ``"sgd"``) on the logits at ``learning_rate``; ``sgd(1)`` for
+  closed-form estimators whatever the name (one step assigns their value)."""
+  if name not in ("adam", "sgd"):
+    raise ValueError(f"logits optimizer {name!r}: use 'adam' or 'sgd'")
+  if estimator.closed_form:
+    return optax.sgd(1.0)
+  return optax.adam(learning_rate) if name == "adam" else optax.sgd(learning_rate)
+
+
 def default_logit_optimizer(estimator: hypergrad.Estimator,
                             learning_rate: float = 0.05) -> optax.GradientTransformation:
   """Adam on the logits; ``sgd(1)`` for closed-form estimators (one step assigns their value)."""
-  if estimator.closed_form:
-    return optax.sgd(1.0)
-  return optax.adam(learning_rate)
+  return make_logit_optimizer(estimator, "adam", learning_rate)
 
 
 def init_state(problem: hypergrad.Problem, estimator: hypergrad.Estimator, params: Params,
