@@ -216,6 +216,41 @@ def test_implicit_damping_is_the_damped_solve(x64):
   assert rel_err(grad, expected) <= 1e-8
 
 
+def test_implicit_warm_start_refines_one_solve_across_outer_steps(x64):
+  """One CG iteration per outer step: from zero it stays off; warm-started it converges."""
+  train, val, logits = ridge_data(seed=3)
+  theta_star, expected = ridge_closed_form(train, val, logits)
+  problem = hg.Problem(ridge_loss, optax.sgd(0.1))
+  batches = {"train": stack([train]), "val": val}
+  errors = {}
+  for warm in (False, True):
+    est = hg.Implicit(method="cg", iters=1, inner_steps=0, warm_start=warm)
+    state = est.init(problem, jnp.asarray(theta_star, F64))
+    assert ("v" in state.extra) == warm
+    step = jax.jit(lambda st: run(est, problem, st, logits, {}, batches))
+    for _ in range(40):
+      grad, state, m = step(state)
+    errors[warm] = rel_err(grad, expected)
+  assert errors[True] <= 1e-8
+  assert errors[False] > 1e-3  # one iteration from zero is one steepest-descent step
+
+
+@pytest.mark.parametrize("method,alpha", [("cg", 0.0), ("truncated_cg", 0.0), ("neumann", 0.3)])
+def test_solve_linear_from_a_start(x64, method, alpha):
+  rng = np.random.default_rng(4)
+  q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+  a = q @ np.diag([0.5, 1.0, 1.5, 2.0]) @ q.T
+  b = jnp.asarray(rng.normal(size=4))
+  exact = np.linalg.solve(a, np.asarray(b))
+  matvec = lambda v: jnp.asarray(a) @ v
+  at_solution, _ = hg.solve_linear(matvec, b, method, 1, alpha, 1e-12, x0=jnp.asarray(exact))
+  np.testing.assert_allclose(at_solution, exact, rtol=1e-12)  # a start at the solution stays there
+  near = jnp.asarray(exact + 1e-3 * rng.normal(size=4))
+  cold, _ = hg.solve_linear(matvec, b, method, 2, alpha, 1e-12)
+  warm, _ = hg.solve_linear(matvec, b, method, 2, alpha, 1e-12, x0=near)
+  assert np.linalg.norm(warm - exact) < 1e-2 * np.linalg.norm(cold - exact)
+
+
 def test_unroll_converged_inner_agrees_with_implicit(x64):
   """Many unrolled steps from theta* give (nearly) the implicit hypergradient."""
   train, val, logits = ridge_data(seed=3)
