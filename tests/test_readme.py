@@ -23,6 +23,13 @@ def test_readme_library_block_is_short_and_compiles():
   compile(code, "README.md", "exec")
 
 
+def test_readme_allocator_setting_is_the_library_one():
+  """The README's GLIBC_TUNABLES line is what users copy; it must be the setting the CLI applies."""
+  from bilevel_jax import allocator
+  quoted = re.findall(r"`GLIBC_TUNABLES=([^`]*)`", README.read_text())
+  assert quoted == [allocator.GLIBC_TUNABLES]
+
+
 @pytest.mark.slow
 def test_readme_library_example_finds_harmful_pairs():
   from bilevel_jax.data import stats
