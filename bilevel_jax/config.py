@@ -69,7 +69,7 @@ def base_config() -> ConfigDict:
   c.model.trainable.n_layers = 1
   c.model.trainable.lora_rank = 8
   c.model.trainable.lora_alpha = 16.0
-  # Trainable layers stored per layer instead of stacked (full and last_n_layers): a faster
+  # Decoder layers stored per layer instead of stacked (full, lora, last_n_layers): a faster
   # full fine-tuning step on XLA:CPU, about twice the compile time (see bilevel_jax.model.lora).
   c.model.trainable.per_layer = False
 

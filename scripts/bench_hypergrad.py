@@ -126,7 +126,7 @@ def jax_worker(kind: str, layer_remat: bool, per_layer: bool = False) -> None:
   cfg, params, _ = load.load_smollm2()
   cfg = cfg.replace(remat=layer_remat)
   spec = lora.TrainableSpec(kind=kind, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA,
-                            per_layer=per_layer and kind != "lora")
+                            per_layer=per_layer)
   adapters = lora.init_lora(cfg, spec, jax.random.key(1)) if kind == "lora" else None
   trainable, frozen = lora.split(spec, cfg, params, adapters)
   del params
@@ -491,7 +491,7 @@ def _mem_target(info: dict, configs: dict) -> list[str]:
 def layout_words(results: dict) -> str:
   """How the trainable layers are stored, for the section's header."""
   if results.get("_per_layer"):
-    return ("the full model's layers stored per layer (`TrainableSpec(per_layer=True)`: run "
+    return ("the model's layers stored per layer (`TrainableSpec(per_layer=True)`: run "
             "unrolled, not under `lax.scan`; the SFT step of the ratio uses the same layout)")
   return "layers stacked (run under `lax.scan`)"
 
@@ -589,7 +589,7 @@ def main(argv=None) -> None:
   p.add_argument("--only", default="", help="comma-separated config labels (default: all)")
   p.add_argument("--layer-remat", action="store_true", help="per-layer remat in the model")
   p.add_argument("--per-layer", action="store_true",
-                 help="full / last layers stored per layer (TrainableSpec(per_layer=True))")
+                 help="layers stored per layer (TrainableSpec(per_layer=True))")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
   p.add_argument("--torch-ks", default="", help="comma-separated K for the PyTorch side (default: all)")
   p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")

@@ -33,7 +33,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2-135M: what the FLOP count needs, without importing JAX in the orchestrator.
 MODEL = dict(vocab=49152, d=576, layers=30, heads=9, kv_heads=3, head_dim=64, ff=1536)
 THREADS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
-KINDS = ("full", "lora", "full_per_layer")
+KINDS = ("full", "lora", "full_per_layer", "lora_per_layer")
 
 
 def gguf_dir() -> str:
@@ -96,10 +96,10 @@ def jax_worker(kind: str) -> None:
   except (ImportError, AttributeError):  # before the loader existed: same shapes and FLOPs
     cfg = llama.SMOLLM2_135M
     params, source = llama.init_params(cfg, jax.random.key(0)), "random params (same shapes)"
-  # ``full_per_layer``: the full model with its layers stored per layer (run unrolled, no scan).
+  # ``*_per_layer``: the layers stored per layer (run unrolled, no scan).
   spec = lora.TrainableSpec(kind=kind.removesuffix("_per_layer"), lora_rank=LORA_RANK,
                             lora_alpha=LORA_ALPHA, per_layer=kind.endswith("_per_layer"))
-  adapters = lora.init_lora(cfg, spec, jax.random.key(1)) if kind == "lora" else None
+  adapters = lora.init_lora(cfg, spec, jax.random.key(1)) if spec.kind == "lora" else None
   trainable, frozen = lora.split(spec, cfg, params, adapters)
   del params
   optimizer = optax.adamw(LR, eps=EPS, weight_decay=WEIGHT_DECAY)
@@ -172,7 +172,7 @@ def torch_worker(kind: str) -> None:
 
   LoRALinear = torch_lora_linear()
 
-  if kind == "lora":
+  if kind.startswith("lora"):
     for p in model.parameters():
       p.requires_grad_(False)
     for layer in model.model.layers:
@@ -312,8 +312,9 @@ def main(argv=None) -> None:
   p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   p.add_argument("--kind", default="full", choices=KINDS, help=argparse.SUPPRESS)
   p.add_argument("--kinds", default="full,lora",
-                 help="comma-separated: full, lora, full_per_layer (the full model stored per "
-                      "layer, TrainableSpec(per_layer=True); PyTorch runs its usual full step)")
+                 help="comma-separated: full, lora, full_per_layer, lora_per_layer (the layers "
+                      "stored per layer, TrainableSpec(per_layer=True); PyTorch runs its usual "
+                      "step)")
   p.add_argument("--rounds", type=int, default=7, help="alternating rounds (steps per side)")
   p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
   args = p.parse_args(argv)

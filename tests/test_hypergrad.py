@@ -549,7 +549,7 @@ def test_unroll_adjoint_backward_equals_autodiff_decoder(x64, kind):
   np.testing.assert_allclose(grads[1], grads[0], rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("kind", ["full", "last_n_layers"])
+@pytest.mark.parametrize("kind", ["full", "last_n_layers", "lora"])
 def test_per_layer_trainable_gives_the_stacked_hypergradient(x64, kind):
   """``TrainableSpec(per_layer=True)`` runs the layers unrolled; the maths must not change."""
   problem_grads, inner_params = [], []
@@ -566,7 +566,7 @@ def test_per_layer_trainable_gives_the_stacked_hypergradient(x64, kind):
     grad, state, _ = step(logits)
     problem_grads.append(grad)
     spec = lora.TrainableSpec(kind=kind, n_layers=1, per_layer=per_layer)
-    inner_params.append(lora.merge(spec, state.params, frozen)[0])
+    inner_params.append(lora.merge(spec, state.params, frozen))
   assert np.linalg.norm(problem_grads[0]) > 1e-3
   np.testing.assert_allclose(problem_grads[1], problem_grads[0], rtol=1e-10, atol=1e-14)
   for x, y in zip(jax.tree.leaves(inner_params[1]), jax.tree.leaves(inner_params[0])):

@@ -137,16 +137,20 @@ def test_bf16_compute_is_close_to_f32(model):
 
 @pytest.mark.parametrize("kind,per_layer", [("full", False), ("lora", False),
                                             ("last_n_layers", False), ("full", True),
-                                            ("last_n_layers", True)])
+                                            ("lora", True), ("last_n_layers", True)])
 def test_trainable_split_gives_the_full_model_and_merges_back(model, kind, per_layer):
   cfg, params = model
   spec = lora.TrainableSpec(kind=kind, n_layers=1, lora_rank=4, per_layer=per_layer)
   lora_params = lora.init_lora(cfg, spec, jax.random.key(5)) if kind == "lora" else None
   trainable, frozen = lora.split(spec, cfg, params, lora_params)
   if per_layer:  # a tuple of per-layer dicts whose leaves lack the layer axis
-    n = cfg.n_layers if kind == "full" else 1
+    n = 1 if kind == "last_n_layers" else cfg.n_layers
     assert isinstance(trainable["layers"], tuple) and len(trainable["layers"]) == n
-    assert trainable["layers"][-1]["wq"].shape == params["layers"]["wq"].shape[1:]
+    leaf = (lambda x: x["wq"]["a"]) if kind == "lora" else (lambda x: x["wq"])
+    stacked = lora_params if kind == "lora" else params
+    assert leaf(trainable["layers"][-1]).shape == leaf(stacked["layers"]).shape[1:]
+    if kind == "lora":  # the frozen base runs unrolled with the adapters
+      assert isinstance(frozen["layers"], tuple) and len(frozen["layers"]) == cfg.n_layers
   toks = _tokens(cfg, 2, 6)
   batch = {"tokens": toks, "positions": jnp.broadcast_to(jnp.arange(6), (2, 6)),
            "segment_ids": jnp.ones((2, 6), jnp.int32)}
@@ -156,15 +160,18 @@ def test_trainable_split_gives_the_full_model_and_merges_back(model, kind, per_l
   pre = lora.precompute_prefix(spec, cfg, frozen, batch)
   np.testing.assert_allclose(logits_fn(trainable, frozen, pre), want, atol=1e-5, rtol=1e-5)
   merged, merged_lora = lora.merge(spec, trainable, frozen)
+  assert jax.tree.structure(merged) == jax.tree.structure(params)
   for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
     np.testing.assert_array_equal(x, y)
   assert (merged_lora is None) == (kind != "lora")
+  if kind == "lora":
+    assert jax.tree.structure(merged_lora) == jax.tree.structure(lora_params)
+    for x, y in zip(jax.tree.leaves(merged_lora), jax.tree.leaves(lora_params)):
+      np.testing.assert_array_equal(x, y)
 
 
-def test_per_layer_is_refused_for_lora_and_stack_layers_inverts_unstack(model):
+def test_stack_layers_inverts_unstack(model):
   cfg, params = model
-  with pytest.raises(ValueError, match="per_layer applies to trainable kinds full and last_n_layers"):
-    lora.TrainableSpec(kind="lora", per_layer=True)
   layers = params["layers"]
   assert llama.stack_layers(layers) is layers  # stacked params pass through
   restacked = llama.stack_layers(llama.unstack_layers(layers))
