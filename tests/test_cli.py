@@ -162,15 +162,16 @@ def test_plan_prints_a_memory_table(cfg_file, capsys):
   assert "memory plan: model tiny" in capsys.readouterr().out
 
 
-def test_per_layer_full_model_selects_and_finetunes_like_the_stacked_one(cfg_file, tmp_path,
-                                                                       monkeypatch):
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_per_layer_selects_and_finetunes_like_the_stacked_model(cfg_file, tmp_path, monkeypatch,
+                                                                kind):
   """``model.trainable.per_layer`` changes how the layers are stored and run, not the results."""
   monkeypatch.setenv("BILEVEL_JAX_COMPILE_CACHE", "")
   runs = {}
   for per_layer in (False, True):
     wd = tmp_path / f"per_layer_{per_layer}"
     args = ["--config", str(cfg_file), f"--config.workdir={wd}",
-            "--config.model.trainable.kind=full", f"--config.model.trainable.per_layer={per_layer}",
+            f"--config.model.trainable.kind={kind}", f"--config.model.trainable.per_layer={per_layer}",
             "--config.run.methods=('bds',)", "--config.evaluate.n_gsm8k=0"]
     assert cli.main(["select"] + args) == 0
     assert cli.main(["finetune"] + args) == 0

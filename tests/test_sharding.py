@@ -97,6 +97,13 @@ def test_param_specs_follow_logical_rules():
   assert pspecs["layers"][1]["wq"] == P("fsdp", "tensor")
   assert pspecs["layers"][1]["w_down"] == P("tensor", "fsdp")
   assert pspecs["layers"][0]["attn_norm"] == P(None)
+  # LoRA per layer: the adapters and the frozen base layers both lose the layer axis.
+  lora_pl = lora.TrainableSpec("lora", lora_rank=4, per_layer=True)
+  tr, fr = jax.eval_shape(lambda p, a: lora.split(lora_pl, cfg, p, a), shapes, lshapes)
+  tspecs, fspecs = (jax.tree.map(lambda s: s.spec, lay.params(t)) for t in (tr, fr))
+  assert len(tspecs["layers"]) == len(fspecs["layers"]) == cfg.n_layers
+  assert tspecs["layers"][1]["wq"]["a"] == P("fsdp", None)
+  assert fspecs["layers"][1]["wq"] == P("fsdp", "tensor")
 
 
 def test_params_are_born_sharded_and_equal_the_unsharded_init():
