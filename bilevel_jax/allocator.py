@@ -6,8 +6,7 @@ SmolLM2-135M SFT step at batch 4 x 128 tokens). glibc serves a block that large 
 ``mmap`` and gives it back with ``munmap`` when the step ends, so the next step touches brand-new
 pages: on the project's 2-core VM that was 458k page faults and 0.85 s of system time in a 3.05 s
 step, and about 1.7 s when the step followed an idle pause (as it does when a benchmark alternates
-with PyTorch). With large blocks taken from the heap instead (no ``mmap``), at most two arenas (a
-thread's arena then cannot hold such a block and glibc falls back to the main heap) and no
+with PyTorch). With large blocks taken from the heap instead (no ``mmap``), at most two arenas and no
 trimming, the freed block is reused: a few thousand page faults instead and 2.46 s (2.52 s after a
 pause). One arena gave 2.65 s and slowed the sampler's decode loop by 12% (lock contention among
 XLA's threads); two did not slow it (4.98 vs 5.29 s at batch 8). Transparent huge pages
@@ -22,6 +21,13 @@ The cost: memory freed by a step is not returned to the OS, and the heap can fra
 full model's ``unroll`` K=1 (4.2 GiB compiled memory) the resident set grew in two steps of the
 first eight (each page-faulting about 2.7 GiB in) and settled at 10.2 GiB, against a 5.4 GiB peak
 with glibc's defaults. ``BILEVEL_JAX_MALLOC=default`` leaves glibc's defaults.
+
+Not solved (measured 2026-12-01, glibc 2.36, LoRA SFT step, 12 steps per process): with two arenas
+some processes still page-fault about 310k pages (1.2 GiB) in every step and take 2.05-2.13 s, while
+others fault none and take 1.82 s. This is so with either trim setting. A block too large for a
+thread arena's 64 MiB heap is mmapped whatever ``mmap_max`` says (sysmalloc's fallback), so it
+depends on which arena the thread that allocates the step's block got. One arena never faulted
+(1.91-1.94 s, three processes) but is slower than a good two-arena process and slowed the sampler.
 """
 
 from __future__ import annotations
