@@ -89,7 +89,7 @@ def base_config() -> ConfigDict:
   c.select.estimator_kwargs = ConfigDict()  # Passed to hypergrad.make_estimator(name, **kwargs).
   c.select.parametrization = "softmax_n"
   c.select.steps = 30
-  # Adam (the default) moves a logit by about lr * sign of its score on each visit; "sgd"
+  # Adam (the default) moves a logit by about lr * sign of its score on each visit; "sgd"
   # keeps the score's size, which lifted penalty with weight_score=loss_change (selection study).
   c.select.logits_optimizer = "adam"
   c.select.logits_lr = 0.1
