@@ -171,7 +171,7 @@ def jax_worker(kind: str, layer_remat: bool, per_layer: bool = False) -> None:
     settings = dict(settings)
     prob = problems[settings.pop(LAYER_REMAT, layer_remat)]
     est = hypergrad.make_estimator(name, **settings)
-    logit_opt = select.default_logit_optimizer(est)
+    logit_opt = select.make_logit_optimizer(est)
     state = select.init_state(prob, est, trainable, NUM_LOGITS, logit_opt)
     if start_step:
       state = state._replace(est=state.est._replace(step=jnp.asarray(start_step, jnp.int32)))

@@ -79,7 +79,7 @@ def build():
       else:
         settings["remat_policy"] = None if part == "none" else part
     est = hypergrad.make_estimator("unroll", **settings)
-    logit_opt = select.default_logit_optimizer(est)
+    logit_opt = select.make_logit_optimizer(est)
     state = select.init_state(problem, est, trainable, NUM_LOGITS, logit_opt)
     batches = {"train": jax.tree.map(lambda x: x[:est.train_batches], data["train"]),
                "val": data["val"]}

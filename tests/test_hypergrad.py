@@ -623,7 +623,7 @@ def test_select_driver_runs_resumes_and_keeps_caller_params():
   problem = hg.Problem(ridge_loss, optax.sgd(0.2))
   est = hg.Unroll(k=2)
   theta = jnp.asarray([0.3, -0.1, 0.2], jnp.float32)
-  logit_opt = sel.default_logit_optimizer(est)
+  logit_opt = sel.make_logit_optimizer(est)
   step = sel.make_outer_step(problem, est, logit_opt)
   full = sel.select(problem, est, theta, {}, 8, sel.epoch_batches(arrays, 3, seed=0),
                     sel.cycle([val]), num_steps=6, outer_step=step, history_every=2)

@@ -52,7 +52,7 @@ def build():
   problem = hypergrad.Problem(sft.make_loss_fn(lora.make_logits_fn(spec, cfg)),
                               sft.sgd_or_adam("sgd", 0.1))
   est = hypergrad.make_estimator("unroll", k=1)
-  logit_opt = select.default_logit_optimizer(est)
+  logit_opt = select.make_logit_optimizer(est)
 
   def init(key):
     return select.init_state(problem, est, llama.init_params(cfg, key), N_EXAMPLES, logit_opt)

@@ -268,7 +268,7 @@ def _run_select(layout, name, steps=2):
   problem = hypergrad.Problem(sft.make_loss_fn(lora.make_logits_fn(spec, cfg)),
                               sft.sgd_or_adam("sgd", 0.1))
   est = hypergrad.make_estimator(name, **ESTIMATORS[name])
-  logit_opt = select.default_logit_optimizer(est)
+  logit_opt = select.make_logit_optimizer(est)
   n = 16
   state = select.init_state(problem, est, params, n, logit_opt)
   pool, val = make_batch(cfg, b=n, seed=3), make_batch(cfg, b=8, seed=4)

@@ -754,8 +754,8 @@ class Implicit(Estimator):
     losses = problem.loss_fn(params, frozen, batch)
     metrics = {"val_loss": f, "train_loss": sft.weighted_mean(losses, w, valid),
                "solver_residual": residual, **solver}
-    extra = {"extra": {"v": v}} if self.warm_start else {}
-    return _finish(grad, state, metrics, params=params, opt_state=opt_state, **extra)
+    return _finish(grad, state, metrics, params=params, opt_state=opt_state,
+                   extra={"v": v} if self.warm_start else state.extra)
 
 
 # ----------------------------------------------------------------------------- likelihood ratio

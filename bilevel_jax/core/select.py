@@ -81,12 +81,6 @@ def make_logit_optimizer(estimator: hypergrad.Estimator, name: str = "adam",
   return optax.adam(learning_rate) if name == "adam" else optax.sgd(learning_rate)
 
 
-def default_logit_optimizer(estimator: hypergrad.Estimator,
-                            learning_rate: float = 0.05) -> optax.GradientTransformation:
-  """Adam on the logits; ``sgd(1)`` for closed-form estimators (one step assigns their value)."""
-  return make_logit_optimizer(estimator, "adam", learning_rate)
-
-
 def init_state(problem: hypergrad.Problem, estimator: hypergrad.Estimator, params: Params,
                num_examples: int, logit_optimizer: optax.GradientTransformation,
                logits: Float[Array, "n"] | None = None) -> SelectState:
@@ -198,7 +192,7 @@ def select(problem: hypergrad.Problem, estimator: hypergrad.Estimator, params: P
       them are stacked per outer step.
     val_batches: iterator of validation batches (one per outer step).
     num_steps: outer steps (for ``likelihood_ratio`` include its ``warmup_steps`` of fitting).
-    logit_optimizer: defaults to :func:`default_logit_optimizer`.
+    logit_optimizer: defaults to :func:`make_logit_optimizer` (Adam).
     seed: root seed; step ``t`` gets ``fold_in(key(seed), t)``.
     state: resume from this state instead of a fresh one.
     outer_step: a prebuilt :func:`make_outer_step` result (reuses its compilation across runs).
@@ -209,7 +203,7 @@ def select(problem: hypergrad.Problem, estimator: hypergrad.Estimator, params: P
   Returns:
     A :class:`SelectResult`.
   """
-  logit_optimizer = logit_optimizer or default_logit_optimizer(estimator)
+  logit_optimizer = logit_optimizer or make_logit_optimizer(estimator)
   if state is None:
     state = init_state(problem, estimator, params, num_examples, logit_optimizer)
   outer_step = outer_step or make_outer_step(problem, estimator, logit_optimizer)
