@@ -34,6 +34,16 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = dict(vocab=49152, d=576, layers=30, heads=9, kv_heads=3, head_dim=64, ff=1536)
 THREADS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 KINDS = ("full", "lora", "full_per_layer", "lora_per_layer")
+# ``<kind>_bf16``: bf16 compute, f32 params and optimizer, on both sides (JAX
+# ``LlamaConfig(dtype="bfloat16")``, PyTorch ``torch.autocast("cpu", torch.bfloat16)``).
+KINDS = KINDS + tuple(k + "_bf16" for k in KINDS)
+
+
+def split_kind(kind: str) -> tuple[str, bool, str]:
+  """``lora_per_layer_bf16`` -> (``lora``, per_layer=True, ``bfloat16``)."""
+  dtype = "bfloat16" if kind.endswith("_bf16") else "float32"
+  base = kind.removesuffix("_bf16")
+  return base.removesuffix("_per_layer"), base.endswith("_per_layer"), dtype
 
 
 def gguf_dir() -> str:
@@ -97,8 +107,10 @@ def jax_worker(kind: str) -> None:
     cfg = llama.SMOLLM2_135M
     params, source = llama.init_params(cfg, jax.random.key(0)), "random params (same shapes)"
   # ``*_per_layer``: the layers stored per layer (run unrolled, no scan).
-  spec = lora.TrainableSpec(kind=kind.removesuffix("_per_layer"), lora_rank=LORA_RANK,
-                            lora_alpha=LORA_ALPHA, per_layer=kind.endswith("_per_layer"))
+  trainable_kind, per_layer, dtype = split_kind(kind)
+  cfg = cfg.replace(dtype=dtype)
+  spec = lora.TrainableSpec(kind=trainable_kind, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA,
+                            per_layer=per_layer)
   adapters = lora.init_lora(cfg, spec, jax.random.key(1)) if spec.kind == "lora" else None
   trainable, frozen = lora.split(spec, cfg, params, adapters)
   del params
@@ -186,11 +198,14 @@ def torch_worker(kind: str) -> None:
            for k, v in make_batch(model.config.vocab_size).items()}
   losses = []
 
+  autocast = split_kind(kind)[2] == "bfloat16"
+
   def one_step():
     start, cpu = time.perf_counter(), time.process_time()
-    logits = model(input_ids=batch["tokens"], position_ids=batch["positions"]).logits
-    nll = nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(),
-                                      reduction="none").view(BATCH, SEQ)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      logits = model(input_ids=batch["tokens"], position_ids=batch["positions"]).logits
+      nll = nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
+                                        reduction="none").view(BATCH, SEQ)
     mask = batch["loss_mask"]
     per_example = (nll * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
     loss = per_example.mean()
@@ -291,7 +306,9 @@ def render(results: dict, rounds: int) -> str:
   return f"""## SFT step: JAX vs PyTorch (`scripts/bench.py sft`)
 
 One AdamW step on the token-mean response NLL, SmolLM2-135M-Instruct, B={BATCH}, T={SEQ} (prompt
-{PROMPT_LEN} tokens masked), f32, 2 threads per side. {rounds} alternating rounds; each side in its own
+{PROMPT_LEN} tokens masked), f32, 2 threads per side; kinds ending in `_bf16` compute in bf16 with f32
+params and optimizer on both sides (JAX `LlamaConfig(dtype="bfloat16")`, PyTorch
+`torch.autocast("cpu", torch.bfloat16)`), and their "of peak" is still against the f32 peak. {rounds} alternating rounds; each side in its own
 process; peak RSS is the process's resident peak over the timed steps (params, optimizer state,
 activations). CPU s is the worker process's user + system time in the step, all threads: on this
 shared machine the wall time also holds the time a side waited for a core. FLOPs per step
@@ -314,7 +331,7 @@ def main(argv=None) -> None:
   p.add_argument("--kinds", default="full,lora",
                  help="comma-separated: full, lora, full_per_layer, lora_per_layer (the layers "
                       "stored per layer, TrainableSpec(per_layer=True); PyTorch runs its usual "
-                      "step)")
+                      "step), each also with a _bf16 suffix (bf16 compute on both sides)")
   p.add_argument("--rounds", type=int, default=7, help="alternating rounds (steps per side)")
   p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
   args = p.parse_args(argv)

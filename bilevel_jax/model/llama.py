@@ -29,13 +29,13 @@ right-padded training batches, packed rows and left-padded sampling prompts.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, Int
+
+from bilevel_jax.model.matmul import LOW_PRECISION, lowp_dot, matmul
 
 Params = dict[str, Any]
 
@@ -206,38 +206,6 @@ def rope(x: Float[Array, "b t h hd"], positions: Int[Array, "b t"], theta: float
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-@jax.custom_jvp
-def matmul(x: Float[Array, "... k"], w: Float[Array, "k n"]) -> Float[Array, "... n"]:
-  """``x @ w`` whose derivative rule makes XLA:CPU's weight-gradient dot a plain one.
-
-  The weight gradient ``x^T @ dy`` contracts the token axis of both operands. Left to itself,
-  XLA:CPU feeds that dot by writing the (wide) output cotangent ``dy`` transposed, in a strided
-  copy fused into the op that produces it (the SiLU backward of every MLP alone was 17% of the SFT
-  step's op time). The JVP below writes the weight term as ``(x^T)^T @ dw`` with ``x^T``
-  materialized behind an ``optimization_barrier``, so its transpose is ``x^T @ dy``, a dot in the
-  natural layout whose one transposed operand is ``x``, copied once in the forward pass. Measured on
-  SmolLM2-135M (B=4, T=128, 2-core CPU): the LoRA SFT step 0.70 x its time, the full one 0.82 x.
-  A ``custom_jvp`` (not a ``custom_vjp``) keeps the function differentiable in forward mode, which
-  the hypergradient estimators need.
-  """
-  return x @ w
-
-
-@functools.partial(matmul.defjvp, symbolic_zeros=True)
-def _matmul_jvp(primals, tangents):
-  x, w = primals
-  dx, dw = tangents
-  y = x @ w
-  dy = None
-  if not isinstance(dx, SymbolicZero):
-    dy = dx @ w
-  if not isinstance(dw, SymbolicZero):
-    xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-    dw_term = (xt.T @ dw).reshape(y.shape)
-    dy = dw_term if dy is None else dy + dw_term
-  return y, jnp.zeros_like(y) if dy is None else dy
-
-
 def _proj(x, layer, lora_layer, name, scale):
   """``x @ W`` plus the LoRA update ``(x @ A) @ B * scale`` when an adapter exists for ``name``."""
   y = matmul(x, layer[name])
@@ -384,6 +352,8 @@ def unembed(params: Params, cfg: LlamaConfig, h: Float[Array, "b t d"]) -> Float
   """Final norm and output projection; logits in f32."""
   x = rms_norm(h, params["final_norm"], cfg.rms_eps)
   w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  if x.dtype in LOW_PRECISION:  # bf16 operands, f32 logits (and a bf16 backward: matmul.py)
+    return lowp_dot(x, w.astype(x.dtype))
   return (x @ w.astype(x.dtype)).astype(_wide(x.dtype))
 
 
