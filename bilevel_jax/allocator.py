@@ -22,12 +22,17 @@ full model's ``unroll`` K=1 (4.2 GiB compiled memory) the resident set grew in t
 first eight (each page-faulting about 2.7 GiB in) and settled at 10.2 GiB, against a 5.4 GiB peak
 with glibc's defaults. ``BILEVEL_JAX_MALLOC=default`` leaves glibc's defaults.
 
-Not solved (measured 2026-12-01, glibc 2.36, LoRA SFT step, 12 steps per process): with two arenas
-some processes still page-fault about 310k pages (1.2 GiB) in every step and take 2.05-2.13 s, while
-others fault none and take 1.82 s. This is so with either trim setting. A block too large for a
-thread arena's 64 MiB heap is mmapped whatever ``mmap_max`` says (sysmalloc's fallback), so it
-depends on which arena the thread that allocates the step's block got. One arena never faulted
-(1.91-1.94 s, three processes) but is slower than a good two-arena process and slowed the sampler.
+Which thread allocates the step's block matters too (measured 2026-12-01, glibc 2.36): with two
+arenas some processes page-faulted about 310k pages (1.2 GiB) in every step, others none. A block
+too large for a thread arena's 64 MiB heap is mmapped whatever ``mmap_max`` says (sysmalloc's
+fallback), so it depended on which arena the thread that runs the computation had got: with JAX's
+asynchronous CPU dispatch that is one of XLA's threads. :func:`run_cpu_computations_inline` runs each
+computation on the calling (main) thread, whose arena is the main heap. Same script, 2 s pauses
+between steps, separate processes: the LoRA SFT step (f32) faulted 310k pages per step in 3 of 3
+asynchronous processes (1.94-2.00 s) and in none of 3 inline ones (1.79-1.86 s); the full model in
+bf16 with per-layer storage faulted in 1 of 2 asynchronous processes (1.07 / 1.30 s) and in none of
+4 inline ones (1.04-1.05 s). One arena also never faulted, but it is slower than a good two-arena
+process and slowed the sampler by 12%.
 """
 
 from __future__ import annotations
@@ -70,3 +75,18 @@ def keep_freed_memory() -> bool:
   results = [mallopt(M_ARENA_MAX, ARENA_MAX), mallopt(M_MMAP_MAX, 0),
              mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_MALLOPT)]
   return all(r == 1 for r in results)
+
+
+def run_cpu_computations_inline() -> None:
+  """Runs each XLA:CPU computation on the thread that calls it (``jax_cpu_enable_async_dispatch``
+  off), so that the step's temporaries come from the main heap (module docstring).
+
+  Call it before JAX creates its CPU client (before the first computation); afterwards the setting
+  does not reach the client. The cost is JAX's dispatch running ahead of the CPU: Python waits for
+  each computation, which on this project's loops (one jitted step at a time, metrics read back)
+  it does anyway. ``BILEVEL_JAX_MALLOC=default`` leaves JAX's default.
+  """
+  if os.environ.get("BILEVEL_JAX_MALLOC") == "default":
+    return
+  import jax
+  jax.config.update("jax_cpu_enable_async_dispatch", False)

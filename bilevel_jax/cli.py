@@ -38,9 +38,11 @@ def _parse(argv: Sequence[str]) -> tuple[str, str, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   # Before JAX starts its threads: reuse freed step temporaries instead of page-faulting them in
-  # again every step (bilevel_jax/allocator.py).
+  # again every step, and run computations on this thread, whose arena is the main heap
+  # (bilevel_jax/allocator.py).
   from bilevel_jax import allocator
   allocator.keep_freed_memory()
+  allocator.run_cpu_computations_inline()
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["data"]:
     if argv[1:2] != ["summary"]:

@@ -34,6 +34,7 @@ SCORES = ("length", "base_loss", "loss_change", "one_step", "random")
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.source": ("tiny", "smollm2", "safetensors", "gguf"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("", "float32", "bfloat16"),
     "model.trainable.kind": ("full", "lora", "last_n_layers"),
     "select.estimator": ESTIMATORS,
     "select.parametrization": ("softmax_n", "sigmoid2"),
@@ -60,7 +61,11 @@ def base_config() -> ConfigDict:
   c.model = ConfigDict()
   c.model.source = "tiny"  # tiny (random, tests), smollm2 (embedded GGUF), safetensors, gguf.
   c.model.path = ""  # Directory (safetensors) or file (gguf).
-  c.model.dtype = "float32"
+  c.model.dtype = "float32"  # The params' dtype, and the compute dtype unless set below.
+  # "" = model.dtype. "bfloat16" with f32 params is mixed precision (f32 params and optimizer, bf16
+  # matmuls, as PyTorch's autocast): on a CPU with bf16 units, with trainable.per_layer=True, the
+  # full SFT step took 0.4-0.6 x the f32 step's time (docs/benchmarks.md).
+  c.model.compute_dtype = ""
   c.model.remat = False
   c.model.tiny_d_model = 32
   c.model.tiny_n_layers = 2

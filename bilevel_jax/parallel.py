@@ -329,7 +329,7 @@ def model_config_from_run_config(cfg):
     reader = gguf.GGUFReader(str(m.path))
     mcfg = load.config_from_gguf(load.read_gguf_metadata(m.path, reader),
                                  [t.name for t in reader.tensors], str(m.path))
-  return mcfg.replace(remat=m.remat, dtype=m.dtype)
+  return mcfg.replace(remat=m.remat, dtype=m.compute_dtype or m.dtype)
 
 
 def layout_from_config(cfg) -> Layout:

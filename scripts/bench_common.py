@@ -247,7 +247,8 @@ def allocator_env() -> dict[str, str]:
 def _allocator_description() -> str:
   env = allocator_env()
   if env:
-    return f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (both sides)"
+    return (f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (both sides); JAX computations run inline "
+            "(allocator.run_cpu_computations_inline, as the CLI)")
   return f"as the environment sets it (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')})"
 
 

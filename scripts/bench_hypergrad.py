@@ -117,6 +117,8 @@ def available_gb() -> float:
 
 
 def jax_worker(kind: str, layer_remat: bool, per_layer: bool = False) -> None:
+  from bilevel_jax import allocator
+  allocator.run_cpu_computations_inline()  # as the CLI does
   import jax
   import jax.numpy as jnp
 

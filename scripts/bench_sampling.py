@@ -65,6 +65,8 @@ def gguf_dir() -> str:
 
 
 def jax_worker(new_tokens: int) -> None:
+  from bilevel_jax import allocator
+  allocator.run_cpu_computations_inline()  # as the CLI does
   import jax
   import jax.numpy as jnp
   import numpy as np

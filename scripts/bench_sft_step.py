@@ -92,6 +92,8 @@ def make_batch(vocab: int = MODEL["vocab"], seed: int = 0):
 
 
 def jax_worker(kind: str) -> None:
+  from bilevel_jax import allocator
+  allocator.run_cpu_computations_inline()  # as the CLI does
   import jax
   import jax.numpy as jnp
   import optax

@@ -66,3 +66,30 @@ def test_glibc_tunables_spell_the_same_policy():
                                        "BILEVEL_JAX_MALLOC": "default"}, size)
     if sys.platform.startswith("linux"):
       assert not tunables_applied and faults < 1000
+
+
+INLINE_PROBE = textwrap.dedent("""
+    from bilevel_jax import allocator
+    allocator.run_cpu_computations_inline()
+    import jax, jax.numpy as jnp
+    f = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x @ w), axis=0))
+    x, w = jnp.ones((4096, 512)), jnp.ones((512, 4096))
+    f(x, w).block_until_ready()
+    y = f(x, w)  # about 17 GFLOP: asynchronous dispatch returns long before it is done
+    print(jax.config.values["jax_cpu_enable_async_dispatch"], y.is_ready())
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU client of the CI machine")
+def test_computations_run_inline_on_the_calling_thread():
+  """The step's temporaries are then allocated by the main thread (allocator docstring)."""
+  import os
+
+  def probe(env_extra):
+    env = {**os.environ, **env_extra}
+    out = subprocess.run([sys.executable, "-c", INLINE_PROBE], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return out[-2:]
+
+  assert probe({}) == ["False", "True"]  # returned done
+  assert probe({"BILEVEL_JAX_MALLOC": "default"}) == ["True", "False"]  # JAX's default: async
