@@ -19,6 +19,10 @@ bf16 (as PyTorch's autocast does) and write ``x^T`` out before the weight-gradie
 Writing ``x^T`` out: behind an ``optimization_barrier`` (as the f32 path does) XLA:CPU again
 converts the dot to f32, so on CPU the copy is a row gather of ``x^T`` by ``arange``, which XLA
 keeps as a copy; other platforms take the plain transpose (:func:`_transposed_copy`).
+
+One difference to a plain dot: remat policies that pick dots by primitive (``dots_saveable``,
+``checkpoint_dots``) do not see ``lowp_dot``, so under them a bf16 model saves no projection
+output. Selection runs in f32 (docs/gpu.md), where the projections are ordinary dots.
 """
 
 from __future__ import annotations
