@@ -23,6 +23,10 @@ KNOBS = {
     "period": ("refine.period", {}),
     "dynamic": ("refine.dynamic", {}),
     "trainable": ("model.trainable.kind", {}),
+    # Speed, not selection: bf16 matmuls with f32 params (fine-tuning; keep f32 for selection) and
+    # per-layer storage (the fast layout for it on CPU; docs/benchmarks.md).
+    "compute_dtype": ("model.compute_dtype", {}),
+    "per_layer": ("model.trainable.per_layer", {}),
 }
 
 VARIANTS = (
@@ -37,6 +41,7 @@ VARIANTS = (
     "responses_per_question=1", "responses_per_question=4",
     "period=5", "period=20", "dynamic=True", "dynamic=False",
     "trainable=lora", "trainable=last_n_layers",
+    "compute_dtype=bfloat16", "per_layer=True",
 )
 
 
