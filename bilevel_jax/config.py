@@ -64,7 +64,7 @@ def base_config() -> ConfigDict:
   c.model.dtype = "float32"  # The params' dtype, and the compute dtype unless set below.
   # "" = model.dtype. "bfloat16" with f32 params is mixed precision (f32 params and optimizer, bf16
   # matmuls, as PyTorch's autocast): on a CPU with bf16 units, with trainable.per_layer=True, the
-  # full SFT step took 0.4-0.6 x the f32 step's time (docs/benchmarks.md).
+  # full and LoRA SFT steps took about half the f32 step's time (docs/benchmarks.md).
   c.model.compute_dtype = ""
   c.model.remat = False
   c.model.tiny_d_model = 32
