@@ -25,8 +25,7 @@ def xw():
 
 
 def test_wide_matmul_has_the_derivatives_of_x_at_w():
-  jax.config.update("jax_enable_x64", True)
-  try:
+  with jax.enable_x64(True):
     rng = np.random.default_rng(2)
     x, w = rng.normal(size=(3, 4, 5)), rng.normal(size=(5, 7))
     dx, dw = rng.normal(size=x.shape), rng.normal(size=w.shape)
@@ -38,8 +37,6 @@ def test_wide_matmul_has_the_derivatives_of_x_at_w():
       gx, gw = jax.vjp(f, x, w)[1](ct)
       np.testing.assert_allclose(gx, ct @ w.T, rtol=1e-12)
       np.testing.assert_allclose(gw, np.einsum("btk,btn->kn", x, ct), rtol=1e-12)
-  finally:
-    jax.config.update("jax_enable_x64", False)
 
 
 def test_lowp_dot_is_the_f32_product_of_the_bf16_operands(xw):
