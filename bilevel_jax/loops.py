@@ -181,8 +181,7 @@ def build_model(cfg):
       mcfg, params, tok = load.load_gguf(cfg.model.path, dtype)
     else:
       mcfg, params, tok = load.load_safetensors_dir(cfg.model.path, dtype)
-  mcfg = mcfg.replace(remat=cfg.model.remat, dtype=cfg.model.compute_dtype or cfg.model.dtype)
-  return mcfg, params, tok
+  return parallel.with_run_settings(mcfg, cfg.model), params, tok
 
 
 def prepare(cfg) -> Context:

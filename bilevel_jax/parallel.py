@@ -310,6 +310,12 @@ def plan_outer(cfg, spec, problem, estimator, logit_optimizer, layout: Layout, n
           _placed(layout, fn, state, frozen, batches, key))
 
 
+def with_run_settings(mcfg, model):
+  """``mcfg`` with the run's remat and compute dtype (``model.compute_dtype``; "" means
+  ``model.dtype``): one rule for the loaded model and for the memory plan."""
+  return mcfg.replace(remat=model.remat, dtype=model.compute_dtype or model.dtype)
+
+
 def model_config_from_run_config(cfg):
   """The ``LlamaConfig`` a run config describes, read without loading any weights."""
   from bilevel_jax.model import llama, load
@@ -329,7 +335,7 @@ def model_config_from_run_config(cfg):
     reader = gguf.GGUFReader(str(m.path))
     mcfg = load.config_from_gguf(load.read_gguf_metadata(m.path, reader),
                                  [t.name for t in reader.tensors], str(m.path))
-  return mcfg.replace(remat=m.remat, dtype=m.compute_dtype or m.dtype)
+  return with_run_settings(mcfg, m)
 
 
 def layout_from_config(cfg) -> Layout:

@@ -33,10 +33,10 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2-135M: what the FLOP count needs, without importing JAX in the orchestrator.
 MODEL = dict(vocab=49152, d=576, layers=30, heads=9, kv_heads=3, head_dim=64, ff=1536)
 THREADS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
-KINDS = ("full", "lora", "full_per_layer", "lora_per_layer")
+F32_KINDS = ("full", "lora", "full_per_layer", "lora_per_layer")
 # ``<kind>_bf16``: bf16 compute, f32 params and optimizer, on both sides (JAX
 # ``LlamaConfig(dtype="bfloat16")``, PyTorch ``torch.autocast("cpu", torch.bfloat16)``).
-KINDS = KINDS + tuple(k + "_bf16" for k in KINDS)
+KINDS = F32_KINDS + tuple(k + "_bf16" for k in F32_KINDS)
 
 
 def split_kind(kind: str) -> tuple[str, bool, str]:
