@@ -38,11 +38,9 @@ def _parse(argv: Sequence[str]) -> tuple[str, str, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   # Before JAX starts its threads: reuse freed step temporaries instead of page-faulting them in
-  # again every step, and run computations on this thread, whose arena is the main heap
-  # (bilevel_jax/allocator.py).
+  # again every step (bilevel_jax/allocator.py).
   from bilevel_jax import allocator
   allocator.keep_freed_memory()
-  allocator.run_cpu_computations_inline()
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["data"]:
     if argv[1:2] != ["summary"]:
@@ -58,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"config error: {e}", file=sys.stderr)
     return 2
   import jax
+  # Before the first computation starts JAX's CPU client: run computations on this thread, whose
+  # arena is the main heap (bilevel_jax/allocator.py). Not earlier: `data` and a config error do
+  # not need JAX.
+  allocator.run_cpu_computations_inline()
   if cfg.mesh.distributed:
     from bilevel_jax import distributed
     distributed.initialize(cfg.mesh)
