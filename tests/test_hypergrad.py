@@ -103,9 +103,12 @@ def unrolled_objective(problem, params, frozen, train_list, val):
   return jax.jit(fn)
 
 
-@pytest.mark.parametrize("backward", hg.UNROLL_BACKWARDS)
+UNROLL_VARIANTS = [("autodiff", "none")] + [("adjoint", keep) for keep in hg.UNROLL_KEEP]
+
+
+@pytest.mark.parametrize("backward,keep", UNROLL_VARIANTS)
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
-def test_unroll_matches_finite_differences_ridge(x64, inner, backward):
+def test_unroll_matches_finite_differences_ridge(x64, inner, backward, keep):
   train, val, logits = ridge_data()
   opt = optax.sgd(0.3) if inner == "sgd" else sft.sgd_or_adam("adam", 0.1)
   problem = hg.Problem(ridge_loss, opt)
@@ -114,7 +117,7 @@ def test_unroll_matches_finite_differences_ridge(x64, inner, backward):
   train_list = [{"x": train["x"][jnp.maximum(i, 0)], "y": train["y"][jnp.maximum(i, 0)], "index": i}
                 for i in idx]
   theta0 = jnp.asarray([0.3, -0.2, 0.1], F64)
-  est = hg.Unroll(k=3, backward=backward)
+  est = hg.Unroll(k=3, backward=backward, keep_linearization=keep)
   grad, state, m = run(est, problem, est.init(problem, theta0), logits, {}, {"train": stack(train_list),
                                                                        "val": val})
   fd = central_fd(unrolled_objective(problem, theta0, {}, train_list, val), logits)
@@ -505,9 +508,10 @@ def test_unroll_layouts_give_the_same_gradient(x64, k):
       np.testing.assert_allclose(m[key], m0[key], rtol=1e-12)
 
 
+@pytest.mark.parametrize("keep", hg.UNROLL_KEEP)
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_unroll_adjoint_backward_equals_autodiff(x64, inner, k):
+def test_unroll_adjoint_backward_equals_autodiff(x64, inner, k, keep):
   """The hand-written reverse pass gives autodiff's gradient, state and metrics (f64), also from an
   Adam state with non-zero moments (its cotangents flow back through the optimizer update)."""
   train, val, logits = ridge_data(seed=14)
@@ -517,7 +521,8 @@ def test_unroll_adjoint_backward_equals_autodiff(x64, inner, k):
   train_list = [{"x": train["x"][jnp.maximum(i, 0)], "y": train["y"][jnp.maximum(i, 0)], "index": i}
                 for i in idx]
   batches = {"train": stack(train_list), "val": val}
-  auto, adjoint = hg.Unroll(k=k, backward="autodiff"), hg.Unroll(k=k, backward="adjoint")
+  auto = hg.Unroll(k=k, backward="autodiff")
+  adjoint = hg.Unroll(k=k, backward="adjoint", keep_linearization=keep)
   state = auto.init(problem, jnp.asarray([0.3, -0.1, 0.2], F64))
   state = run(auto, problem, state, logits, {}, batches)[1]  # moments and step count non-zero
   (g0, s0, m0), (g1, s1, m1) = (run(e, problem, state, logits, {}, batches) for e in (auto, adjoint))
@@ -529,6 +534,10 @@ def test_unroll_adjoint_backward_equals_autodiff(x64, inner, k):
     np.testing.assert_allclose(m1[key], m0[key], rtol=1e-12)
   with pytest.raises(ValueError, match="unroll backward"):
     hg.Unroll(backward="bogus")
+  with pytest.raises(ValueError, match="keep_linearization"):
+    hg.Unroll(keep_linearization="bogus")
+  with pytest.raises(ValueError, match="applies to backward=.adjoint. only"):
+    hg.Unroll(backward="autodiff", keep_linearization="all")
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
@@ -547,6 +556,38 @@ def test_unroll_adjoint_backward_equals_autodiff_decoder(x64, kind):
     grads.append(step(logits)[0])
   assert np.linalg.norm(grads[0]) > 1e-3
   np.testing.assert_allclose(grads[1], grads[0], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_unroll_kept_linearization_equals_autodiff_decoder(x64, kind, inner):
+  """Keeping the steps' linearizations changes no number (tiny decoder, K = 3, f64).
+
+  Adam runs with ``eps=1e-2``: its update divides by ``sqrt(v) + eps``, so with the default
+  ``eps=1e-6`` the second-order terms multiply the last-bit differences of near-zero gradient
+  entries (the linear map's transpose sums in another order than ``jax.vjp``) by up to 1e6, and the
+  variants then agree to 1e-11 instead of 1e-15 (measured); ``eps=1e-2`` keeps that gain at 100.
+  """
+  trainable, frozen, loss_fn, train_list, val = decoder_setup(kind, seed=1)
+  opt = optax.sgd(0.05) if inner == "sgd" else sft.sgd_or_adam("adam", 0.05, eps=1e-2)
+  problem = hg.Problem(loss_fn, opt)
+  logits = jnp.asarray([0.4, -0.3, 0.2, 0.1, -0.5], F64)
+  batches = {"train": stack(train_list + train_list[:1]), "val": val}
+  out = []
+  for backward, keep in UNROLL_VARIANTS:
+    est = hg.Unroll(k=3, backward=backward, keep_linearization=keep)
+    step = jax.jit(lambda lg, e=est: e(problem, e.init(problem, trainable), lg, frozen, batches,
+                                       None)).lower(logits).compile(
+        compiler_options={"xla_backend_optimization_level": 0})
+    out.append(step(logits))
+  (g0, s0, m0) = out[0]
+  assert np.linalg.norm(g0) > 1e-3
+  for g, s, m in out[1:]:
+    np.testing.assert_allclose(g, g0, rtol=1e-10, atol=1e-14)
+    for a, b in zip(jax.tree.leaves(s.params), jax.tree.leaves(s0.params)):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    for key in ("val_loss", "train_loss", "train_nll"):
+      np.testing.assert_allclose(m[key], m0[key], rtol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["full", "last_n_layers", "lora"])
