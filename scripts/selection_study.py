@@ -70,6 +70,9 @@ DEFAULTS: dict[str, Any] = {
     "pool_size": 160,  # stratified subsample when the pool is larger (0: all)
     "fit_only": True,  # keep only pairs whose conversation fits max_len (corruption stays visible)
     "val_size": 0,  # 0: whole validation split
+    # validation records of these labels only, comma-separated ("": all), e.g. "refusal" or "good"
+    # on the safety pools (pyrit refusals / good benign answers); applied before val_size
+    "val_labels": "",
     "batch_size": 8,
     "val_batch_size": 8,
     "steps": 40,  # outer steps (likelihood_ratio: fit steps + one pass over the pool)
@@ -80,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "parametrization": "softmax_n",
     "sft_steps": 40,  # loss_change baseline: plain SFT steps on pool + validation
 }
+ADDED_SETTINGS = {"val_labels": ""}  # see row_key
 
 
 # ----------------------------------------------------------------------------- data
@@ -158,6 +162,13 @@ def make_data(pool, val, s: dict, tokenizer, seed: int, max_len: int) -> StudyDa
   val_fit = [r for r in val if len(tokenizer.encode_chat(r.question, r.response)[0]) + 8 <= max_len + 1]
   notes["n_val_prompt_too_long"] = len(val) - len(val_fit)
   val = val_fit
+  if s["val_labels"]:
+    keep = set(s["val_labels"].split(","))
+    known = {r.label for r in val}
+    if not keep <= known:
+      raise ValueError(f"val_labels: {sorted(keep - known)} not among the validation labels "
+                       f"{sorted(known)}")
+    val = [r for r in val if r.label in keep]
   if s["val_size"] and len(val) > s["val_size"]:
     rng = np.random.default_rng(seed + 31)
     val = [val[i] for i in sorted(rng.choice(len(val), s["val_size"], replace=False))]
@@ -212,7 +223,7 @@ def cached_prefix(m: StudyModel, data: StudyData, cache_dir: pathlib.Path | None
   if cache_dir is None or m.spec.kind != "last_n_layers":
     return add_prefix(m, data.pool_arrays), add_prefix(m, data.val_arrays)
   pool_name, seed, s = key
-  fields = ("n_layers", "max_len", "pool_size", "fit_only", "val_size")
+  fields = ("n_layers", "max_len", "pool_size", "fit_only", "val_size", "val_labels")
   name = f"{pool_name}-s{seed}-" + "-".join(f"{f}{s[f]}" for f in fields) + ".npz"
   path = cache_dir / name
   if path.exists():
@@ -488,6 +499,9 @@ def row_key(pool: str, method: str, seed: int, s: dict, kw: dict) -> str:
     # The library default changed from "ratio" to "linear"; the rows keyed without a score ran
     # "ratio", so a default run must not be mistaken for them.
     kw = {**kw, "score": hypergrad.LikelihoodRatio.score}
+  # Settings added after rows were recorded stay out of the key at their default, so that those
+  # rows' keys still match.
+  s = {k: v for k, v in s.items() if not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
   return json.dumps([pool, method, seed, s, kw], sort_keys=True)
 
 

@@ -238,3 +238,26 @@ def test_influence_alignment_stops_at_negative_curvature():
   *_, scores, extra = _ridge_influence(-10.0, 0.1, 3)
   assert extra["negative_curvature_at"] == 1 and extra["residuals"] == []
   np.testing.assert_array_equal(scores, np.zeros(7))
+
+
+def test_val_labels_keeps_validation_of_those_labels_and_the_old_keys():
+  pool, val = _records(8)
+  val = val + [Record(f"r{i}", f"z{i}", "I cannot help.", "syn", "refusal", split="validation")
+               for i in range(3)]
+  tok = ByteTokenizer()
+  data = study_mod.make_data(pool, val, _settings(val_labels="refusal"), tok, 0, max_len=64)
+  assert [r.label for r in data.val] == ["refusal"] * 3 and data.notes["n_val"] == 3
+  data = study_mod.make_data(pool, val, _settings(val_labels="good,refusal", val_size=5), tok, 0,
+                             max_len=64)
+  assert len(data.val) == 5
+  try:
+    study_mod.make_data(pool, val, _settings(val_labels="harmful"), tok, 0, max_len=64)
+    raise AssertionError("an unknown validation label must raise")
+  except ValueError as e:
+    assert "harmful" in str(e) and "refusal" in str(e)
+  # The rows recorded before the setting existed keep their keys at its default.
+  s = _settings()
+  old = {k: v for k, v in s.items() if k != "val_labels"}
+  assert study_mod.row_key("q", "random", 0, s, {}) == json.dumps(["q", "random", 0, old, {}],
+                                                                  sort_keys=True)
+  assert "val_labels" in study_mod.row_key("q", "random", 0, _settings(val_labels="good"), {})
