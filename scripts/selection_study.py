@@ -644,7 +644,8 @@ def changes_table(path: pathlib.Path, tags: list[str] | None, ref_tag: str = "ma
   """A Markdown table, one line per row of ``tags``: what differs from the ``ref_tag`` settings.
 
   The reference is the settings and ``kw`` of the first ``ref_tag`` row of the same pool (the
-  ``main`` rows share them); ``kw`` fields the method does not have are not listed.
+  ``main`` rows share them; a pool without one takes the first pool's); ``kw`` fields the method
+  does not have are not listed, nor settings added later at their default (``ADDED_SETTINGS``).
   """
   all_rows = read_rows(path, None)
   ref = {}
@@ -654,8 +655,8 @@ def changes_table(path: pathlib.Path, tags: list[str] | None, ref_tag: str = "ma
   lines = ["| pool | method | seed | changed | AUROC | best AUROC (step) | precision | median step s "
            "| wall s | load | notes |", "|" + "---|" * 11]
   for r in read_rows(path, tags):
-    s_ref, kw_ref = ref.get(r["pool"], ({}, {}))
-    ch = [f"{k}={v}" for k, v in r["settings"].items() if s_ref.get(k) != v]
+    s_ref, kw_ref = ref.get(r["pool"]) or next(iter(ref.values()), ({}, {}))
+    ch = [f"{k}={v}" for k, v in r["settings"].items() if s_ref.get(k, ADDED_SETTINGS.get(k)) != v]
     if r["method"] in ESTIMATORS:
       fields = {f.name for f in dataclasses.fields(hypergrad.ESTIMATORS[r["method"]])}
     else:
