@@ -2,32 +2,13 @@
 
 The problem (DESIGN.md section 2): per-example weights ``p(omega)``, lower level
 ``g(theta, omega) = mean_i p_i(omega) l_i(theta)``, upper level ``f(theta) = mean_j l'_j(theta)``
-on validation data, ``min_omega f(theta*(omega))``.
+on validation data, ``min_omega f(theta*(omega))``. ``make_estimator(name, **settings)`` builds one
+of :data:`ESTIMATORS`: ``unroll`` (``unroll.py``), ``penalty``, ``penalty_vf``, ``implicit``,
+``one_step`` and ``likelihood_ratio`` (this module).
 
-Every estimator is a frozen, hashable config object (a static jit argument) with
-
-* ``init(problem, params) -> EstimatorState`` and
-* ``__call__(problem, state, logits, frozen, batches, key) -> (grad_logits, new_state, metrics)``,
-
-a pure function: ``state`` carries the warm-started inner params and optimizer state (truncation)
-and the schedule position; ``batches = {"train": stacked, "val": batch}`` where ``stacked`` holds
-``estimator.train_batches`` train batches stacked on a leading axis (every train batch has ``index``,
-its rows in the logit vector, -1 for padding rows) and ``val`` is one validation batch (an optional
-``index`` there only marks padding with -1). ``grad_logits`` has the shape of ``logits``; gradients
-reach the logits of the rows that were used through a gather (a scatter-add in the backward pass),
-plus, for ``softmax_n``, every logit through the normalizer. The outer optimizer (Adam by default,
-see ``bilevel_jax/core/select.py``) applies it.
-
-The loss is generic: ``problem.loss_fn(trainable, frozen, batch) -> [B]`` per-example losses
-(``bilevel_jax/core/sft.py`` builds it for the decoder; a ridge problem passes a vector and ``{}``).
-``key`` is accepted for a uniform signature; no estimator here is stochastic beyond its batches.
-
-Every ``metrics`` dict has ``val_loss``, ``train_loss`` (weighted ``g`` on the train batch) and
-``hypergrad_norm``; estimator-specific keys are listed on each class.
-
-Modules: ``estimator.py`` holds the interface (``Problem``, ``EstimatorState``, ``Estimator``) and
-the helpers the estimators share, ``unroll.py`` the ``unroll`` estimator, and this module the
-others and the registry (``make_estimator``); every name is importable from here.
+The interface every estimator implements (``init`` and a pure ``__call__`` returning the logits'
+gradient, the new state and metrics), ``Problem`` and ``EstimatorState`` are described and defined in
+``estimator.py``, with the helpers the estimators share; every name is importable from here.
 """
 
 from __future__ import annotations
