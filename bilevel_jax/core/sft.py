@@ -105,10 +105,17 @@ def inner_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, trainab
 def weighted_grad(loss_fn: LossFn, trainable: Params, frozen: Params, batch: dict,
                   weights: Float[Array, "b"]) -> tuple[Params, dict]:
   """``grad_theta g`` on one batch and the metrics ``loss`` (weighted) and ``nll`` (plain mean)."""
-  (loss, losses), grads = jax.value_and_grad(weighted_loss, argnums=1, has_aux=True)(
+  (_, losses), grads = jax.value_and_grad(weighted_loss, argnums=1, has_aux=True)(
       loss_fn, trainable, frozen, batch, weights)
+  return grads, step_metrics(losses, weights, batch)
+
+
+def step_metrics(losses: Float[Array, "b"], weights: Float[Array, "b"], batch: dict) -> dict:
+  """An inner step's metrics from its per-example losses: ``loss`` (weighted ``g``) and ``nll``
+  (the plain mean over the real rows)."""
   valid = valid_rows(batch)
-  return grads, {"loss": loss, "nll": jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1.0)}
+  return {"loss": weighted_mean(losses, weights, valid),
+          "nll": jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1.0)}
 
 
 def apply_update(optimizer: optax.GradientTransformation, trainable: Params,

@@ -147,7 +147,7 @@ class Unroll(Estimator):
       return mean_loss(problem.loss_fn, th, frozen, batches["val"]), (th, s, ms)
 
     (f, (params, opt_state, ms)), grad = jax.value_and_grad(outer, has_aux=True)(logits)
-    metrics = {"val_loss": f, "train_loss": jnp.mean(ms["loss"]), "train_nll": jnp.mean(ms["nll"])}
+    metrics = _unroll_metrics(f, ms)
     return _finish(grad, state, metrics, params=params, opt_state=opt_state)
 
 
@@ -200,10 +200,10 @@ def _row_pullback(p, batch, loss_tangents):
   return gather_vjp(w_vjp(jnp.ones((), loss_tangents.dtype))[0])[0]
 
 
-def _step_metrics(losses, w, batch) -> dict:
-  valid = sft.valid_rows(batch)
-  return {"loss": sft.weighted_mean(losses, w, valid),
-          "nll": jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1.0)}
+def _unroll_metrics(val_loss, step_metrics: dict) -> dict:
+  """``val_loss`` and the K inner steps' mean ``train_loss`` / ``train_nll``."""
+  return {"val_loss": val_loss, "train_loss": jnp.mean(step_metrics["loss"]),
+          "train_nll": jnp.mean(step_metrics["nll"])}
 
 
 def _adjoint_unroll(problem: Problem, state: EstimatorState, logits, frozen, batches):
@@ -262,7 +262,7 @@ def _adjoint_unroll(problem: Problem, state: EstimatorState, logits, frozen, bat
   (_, _, ct_p), _ = jax.lax.scan(backward, carry, (trajectory, train, jnp.arange(k) == 0),
                                  reverse=True)
   (grad,) = p_vjp(ct_p)
-  metrics = {"val_loss": f, "train_loss": jnp.mean(ms["loss"]), "train_nll": jnp.mean(ms["nll"])}
+  metrics = _unroll_metrics(f, ms)
   return grad, params, opt_state, metrics
 
 
@@ -301,7 +301,7 @@ def _kept_adjoint_unroll(problem: Problem, state: EstimatorState, logits, frozen
     else:
       g, losses = _grad_and_losses(problem, th, frozen, batch, w)
       lin = None
-    ms.append(_step_metrics(losses, w, batch))
+    ms.append(sft.step_metrics(losses, w, batch))
     saved.append((th, s, g, lin))
     th, s = sft.apply_update(problem.inner_optimizer, th, s, g)
   params, opt_state = th, s
@@ -325,5 +325,5 @@ def _kept_adjoint_unroll(problem: Problem, state: EstimatorState, logits, frozen
     ct_p = ct_p + _row_pullback(p, batch, loss_tangents)
   (grad,) = p_vjp(ct_p)
   ms = jax.tree.map(lambda *xs: jnp.stack(xs), *ms)
-  metrics = {"val_loss": f, "train_loss": jnp.mean(ms["loss"]), "train_nll": jnp.mean(ms["nll"])}
+  metrics = _unroll_metrics(f, ms)
   return grad, params, opt_state, metrics
